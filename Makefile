@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make test   create .venv, install, run the unit tests and a smoke run of every notebook
+#   make book   create .venv, install, fetch the sample slide, build the phantom cohort,
+#               execute the notebooks with their `book` preset and build book/_build/html
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MINI_KD_DATA ?= $(CURDIR)/data
+
+.PHONY: install test data book bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+test: install
+	MINI_KD_QUIET=1 $(PY) -m pytest
+
+data: install
+	$(VENV)/bin/mini-kd fetch-sample
+
+book: data
+	$(VENV)/bin/jupyter-book build book
+	@echo "open book/_build/html/index.html"
+
+bench: install
+	for script in benchmarks/*.py; do $(PY) $$script --preset book --out benchmarks/results/$$(basename $$script .py).json || exit 1; done
+
+clean:
+	rm -rf book/_build .pytest_cache

