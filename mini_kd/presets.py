@@ -1,0 +1,37 @@
+"""The three sizes every notebook and benchmark comes in, and the phantom cohort each one uses.
+
+- ``smoke``: what the tests run, at most about two minutes per notebook on two CPU cores;
+- ``book``: the notebooks' defaults, what the book shows, at most about ten minutes per notebook
+  on two CPU cores, large enough that the result tables mean something on the phantom;
+- ``gpu``: a large phantom (or a public cohort, see the README) on one GPU.
+
+All notebooks of one preset share one phantom cohort, generated once and cached under
+``$MINI_KD_DATA/phantom/<preset>``. Method-specific settings live next to each method.
+"""
+
+from __future__ import annotations
+
+from mini_kd.errors import MiniKDError
+from mini_kd.paths import data_dir
+
+PRESETS = ("smoke", "book", "gpu")
+
+COHORTS = {
+    "smoke": dict(n_slides=8, slide_size=1536, seed=0, difficulty=0.5),
+    "book": dict(n_slides=48, slide_size=3072, seed=0, difficulty=0.5),
+    "gpu": dict(n_slides=200, slide_size=8192, seed=0, difficulty=0.5),
+}
+
+
+def check_preset(preset: str) -> str:
+    """``preset`` if it is one of :data:`PRESETS`, else a clear error."""
+    if preset not in PRESETS:
+        raise MiniKDError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return preset
+
+
+def cohort(preset: str):
+    """The phantom cohort of ``preset`` (generated on first use, then loaded from the cache)."""
+    from mini_kd.phantom import ensure_cohort
+
+    return ensure_cohort(data_dir() / "phantom" / check_preset(preset), **COHORTS[preset])
