@@ -100,3 +100,12 @@ def cost_accuracy_plot(ax, rows: list[dict], cost="gflops", score="accuracy", la
     ax.set_ylabel(score)
     ax.grid(alpha=0.3)
     return ax
+
+
+def show_source(obj):
+    """The package's own source of ``obj``, highlighted, for notebooks that walk the real code."""
+    import inspect
+
+    from IPython.display import Code
+
+    return Code(inspect.getsource(obj), language="python")
