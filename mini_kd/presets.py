@@ -18,8 +18,18 @@ PRESETS = ("smoke", "book", "gpu")
 
 COHORTS = {
     "smoke": dict(n_slides=8, slide_size=1536, seed=0, difficulty=0.5),
-    "book": dict(n_slides=48, slide_size=3072, seed=0, difficulty=0.5),
+    "book": dict(n_slides=48, slide_size=2560, seed=0, difficulty=0.5),
     "gpu": dict(n_slides=200, slide_size=8192, seed=0, difficulty=0.5),
+}
+
+# Tile geometry shared by the MIL notebooks, so that they share cached grids and features.
+# The papers use 256-px tiles at 20x, 256-px tiles at 5x (each covering 4x4 HR tiles) and 16-px
+# crops at 1.25x (each covering one HR tile). On a CPU the number of *pixels* encoded is the cost,
+# so the CPU presets halve every side: the ratios, and so every correspondence, stay the same.
+GEOMETRY = {
+    "smoke": dict(hr_mag=20.0, hr_tile=128, lr_mag=5.0, lr_tile=128, screen_mag=1.25, screen_tile=8),
+    "book": dict(hr_mag=20.0, hr_tile=128, lr_mag=5.0, lr_tile=128, screen_mag=1.25, screen_tile=8),
+    "gpu": dict(hr_mag=20.0, hr_tile=256, lr_mag=5.0, lr_tile=256, screen_mag=1.25, screen_tile=16),
 }
 
 
