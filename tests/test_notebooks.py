@@ -43,6 +43,7 @@ def test_book_builds_from_the_executed_notebooks(executed_dir, session_data, tmp
     assert NOTEBOOKS, "no notebooks found"
     book = tmp_path / "book"
     shutil.copytree(ROOT / "book", book, symlinks=False, ignore=shutil.ignore_patterns("_build"))
+    (tmp_path / "mini_kd").symlink_to(ROOT / "mini_kd")  # chapters literalinclude ../../mini_kd/...
     for notebook in NOTEBOOKS:
         executed = executed_dir / notebook.name
         if not executed.exists():  # its own test failed or was deselected: run it here
