@@ -39,9 +39,11 @@ def test_blank_slide_has_no_tissue():
 def test_tissue_fraction_of_hand_made_tiles():
     mask = np.zeros((4, 4), bool)
     mask[:2, :2] = True  # level-0 pixels [0, 32) x [0, 32) at downsample 16
+    mask[3, 3] = True  # level-0 pixels [48, 64) x [48, 64)
     coords = [(0, 0), (16, 0), (32, 32), (48, 48)]
     fraction = tissue_fraction(mask, coords, footprint=32, mask_downsample=16)
-    np.testing.assert_allclose(fraction, [1.0, 0.5, 0.0, 0.25])  # last tile half outside the mask
+    # the last tile hangs 3/4 outside the mask: that part counts as background
+    np.testing.assert_allclose(fraction, [1.0, 0.5, 0.25, 0.25])
 
 
 def test_grid_keeps_tissue_tiles_only(slide_path):
