@@ -12,4 +12,5 @@ def quiet() -> bool:
 
 def progress(iterable=None, **kwargs):
     """``tqdm(iterable, **kwargs)``, disabled when :func:`quiet`."""
-    return tqdm(iterable, disable=quiet() or kwargs.pop("disable", False), **kwargs)
+    disable = kwargs.pop("disable", False) or quiet()
+    return tqdm(iterable, disable=disable, **kwargs)
