@@ -138,32 +138,38 @@ class Slide:
                 f"cannot decode the region at ({x}, {y}) of {self.path} "
                 f"({type(error).__name__}: {error}); the file may be corrupt: download it again"
             ) from error
-        region = np.array(region[..., :3], dtype=np.uint8)  # (h, w, 3), drop alpha
+        if region.shape[-1] != 3 or region.dtype != np.uint8:
+            region = region[..., :3].astype(np.uint8)  # (h, w, 3), drop alpha
         level_ds = self.level_downsamples[level]
         level_w, level_h = self.level_dimensions[level]
         x0, y0 = int(x / level_ds), int(y / level_ds)  # tiffslide's own level coordinates
-        region[:, : max(0, -x0)] = BACKGROUND
-        region[: max(0, -y0)] = BACKGROUND
-        region[:, max(0, level_w - x0):] = BACKGROUND
-        region[max(0, level_h - y0):] = BACKGROUND
+        if x0 < 0 or y0 < 0 or x0 + width > level_w or y0 + height > level_h:
+            region[:, : max(0, -x0)] = BACKGROUND
+            region[: max(0, -y0)] = BACKGROUND
+            region[:, max(0, level_w - x0):] = BACKGROUND
+            region[max(0, level_h - y0):] = BACKGROUND
         return region
+
+    def _plan(self, size: int, mag: float) -> tuple[int, int]:
+        """(level to read, pixels to read there) for a ``size``-px tile at ``mag``."""
+        downsample = self.downsample(mag)
+        level = self.level_for(downsample)
+        side = max(1, int(round(size * downsample / self.level_downsamples[level])))
+        return level, side
 
     def read(self, x: int, y: int, size: int, mag: float) -> np.ndarray:
         """uint8 (size, size, 3): the level-0 square at (x, y) with footprint size·mag_0/mag."""
-        downsample = self.downsample(mag)
-        level = self.level_for(downsample)
-        level_ds = self.level_downsamples[level]
-        side = max(1, int(round(size * downsample / level_ds)))  # pixels to read at that level
+        level, side = self._plan(size, mag)
         region = self._read_level(int(x), int(y), level, side, side)  # (side, side, 3)
-        if side == size:
-            return region
-        return _resize(region, (size, size))
+        return region if side == size else _resize(region, (size, size))
 
     def read_tiles(self, coords: np.ndarray, size: int, mag: float) -> np.ndarray:
         """uint8 (N, size, size, 3) for the level-0 top-left corners ``coords`` (N, 2)."""
+        level, side = self._plan(size, mag)
         tiles = np.empty((len(coords), size, size, 3), dtype=np.uint8)
-        for i, (x, y) in enumerate(np.asarray(coords)):
-            tiles[i] = self.read(x, y, size, mag)
+        for i, (x, y) in enumerate(np.asarray(coords).tolist()):
+            region = self._read_level(x, y, level, side, side)
+            tiles[i] = region if side == size else _resize(region, (size, size))
         return tiles
 
     def thumbnail(self, mag: float) -> np.ndarray:
