@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     except MiniKDError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
-    print(f"{len(paths)} TCGA-NSCLC slides in {args.out} (labels.csv beside them)")
+    print(f"{len(paths)} TCGA-NSCLC slides in {args.out}/slides, labels in {args.out}/labels.csv")
     return 0
 
 

@@ -18,8 +18,9 @@ them at a server on 127.0.0.1):
 * **OpenSlide test data**, by path relative to the test-data folder (``Aperio/CMU-1.svs``), checked
   against the SHA-256 and size in the folder's ``index.json``.
 
-The cohort helpers write ``labels.csv`` (``slide_id,label,split``) next to the slides, the layout of
-the phantom cohort; ``slide_id`` is the file stem, as :func:`mini_kd.slides.open_slide` names slides.
+The cohort helpers use the phantom cohort's layout: slides in ``out/slides/``, ``out/labels.csv``
+(``slide_id,label,split``); ``slide_id`` is the file stem, as :func:`mini_kd.slides.open_slide`
+names slides.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ def download(url, dest, sha256=None, size=None, retries=3, progress=True, timeou
     problem = _matches(part, size, sha256, md5)
     if problem is not None:
         part.unlink()
-        raise MiniKDError(f"download of {url} is corrupt ({problem}); the partial file was deleted: "
-                          "run again to download it afresh, or check the expected checksum")
+        raise MiniKDError(f"download of {url} is corrupt ({problem}); the partial file was "
+                          "deleted: run again to download it afresh, or check the expected "
+                          "checksum")
     os.replace(part, dest)
     return dest
 
@@ -298,7 +300,8 @@ def camelyon16_label(name: str):
 
 def camelyon16_slides(base_url=CAMELYON16_URL) -> list[dict]:
     """Every CAMELYON16 slide in the bucket: ``name`` (stem), ``key``, ``size``, ``label``."""
-    return [{"name": Path(key).stem, "key": key, "size": size, "label": camelyon16_label(Path(key).name)}
+    return [{"name": Path(key).stem, "key": key, "size": size,
+             "label": camelyon16_label(Path(key).name)}
             for key, size in list_bucket(base_url, CAMELYON16_PREFIX)
             if key.lower().endswith(".tif")]
 
@@ -331,7 +334,7 @@ def select_camelyon16(slides, names=None, first=None) -> list[dict]:
 
 def download_camelyon16(out, names=None, first=None, base_url=CAMELYON16_URL, seed=0,
                         progress=True) -> list[Path]:
-    """Download a CAMELYON16 subset to ``out`` (sizes checked) and write ``out/labels.csv``.
+    """Download a CAMELYON16 subset to ``out/slides/`` (sizes checked) and write ``out/labels.csv``.
 
     Splits: ``test_*`` slides are the challenge's test set; the training slides are split by class
     into train/val (80/20) when test slides are present, else train/val/test (60/20/20). A test
@@ -340,12 +343,13 @@ def download_camelyon16(out, names=None, first=None, base_url=CAMELYON16_URL, se
     """
     out = Path(out)
     chosen = select_camelyon16(camelyon16_slides(base_url), names, first)
-    paths = [download(_url(base_url, slide["key"]), out / Path(slide["key"]).name,
+    paths = [download(_url(base_url, slide["key"]), out / "slides" / Path(slide["key"]).name,
                       size=slide["size"], progress=progress) for slide in chosen]
     labels = {slide["name"]: slide["label"] for slide in chosen if slide["label"] is not None}
     tests = [slide["name"] for slide in chosen if slide["label"] is None]
     test_labels = _camelyon16_test_labels_or_none(base_url) if tests else {}
-    labels.update({name: test_labels[name.lower()] for name in tests if name.lower() in test_labels})
+    labels.update({name: test_labels[name.lower()] for name in tests
+                   if name.lower() in test_labels})
     unlabelled = [name for name in tests if name not in labels]
     if unlabelled:
         warnings.warn(f"no label for {', '.join(unlabelled)} ({CAMELYON16_REFERENCE} unavailable "
@@ -382,7 +386,8 @@ def gdc_filters(projects) -> dict:
 
 def gdc_diagnostic_slides(projects=tuple(TCGA_NSCLC_LABELS), api_url=GDC_API_URL,
                           page_size=1000) -> list[dict]:
-    """Every matching file: ``file_id``, ``file_name``, ``md5sum``, ``file_size``, ``project``, ``case``."""
+    """Every matching file, as ``file_id``, ``file_name``, ``md5sum``, ``file_size``, ``project``
+    and ``case`` (the patient's TCGA barcode), fetched page by page."""
     slides, start = [], 0
     while True:
         query = {"filters": json.dumps(gdc_filters(projects)), "fields": GDC_FIELDS,
@@ -429,13 +434,16 @@ def select_tcga(slides, n_per_class, seed=0) -> list[dict]:
 
 def download_tcga_nsclc(out, n_per_class=10, seed=0, api_url=GDC_API_URL,
                         progress=True) -> list[Path]:
-    """Download ``n_per_class`` LUSC (0) and LUAD (1) slides (MD5 + size checked) and ``labels.csv``."""
+    """Download ``n_per_class`` LUSC (0) and LUAD (1) slides to ``out/slides/`` (MD5 + size checked)
+    and write ``out/labels.csv``."""
     out = Path(out)
-    chosen = select_tcga(gdc_diagnostic_slides(tuple(TCGA_NSCLC_LABELS), api_url), n_per_class, seed)
-    paths = [download(_url(api_url, f"data/{slide['file_id']}"), out / slide["file_name"],
-                      size=slide["file_size"], md5=slide["md5sum"], progress=progress)
-             for slide in chosen]
-    labels = {Path(slide["file_name"]).stem: TCGA_NSCLC_LABELS[slide["project"]] for slide in chosen}
+    slides = gdc_diagnostic_slides(tuple(TCGA_NSCLC_LABELS), api_url)
+    chosen = select_tcga(slides, n_per_class, seed)
+    paths = [download(_url(api_url, f"data/{slide['file_id']}"),
+                      out / "slides" / slide["file_name"], size=slide["file_size"],
+                      md5=slide["md5sum"], progress=progress) for slide in chosen]
+    labels = {Path(slide["file_name"]).stem: TCGA_NSCLC_LABELS[slide["project"]]
+              for slide in chosen}
     write_labels(out / "labels.csv", labels, stratified_split(labels, seed))
     return paths
 
@@ -449,7 +457,8 @@ def openslide_testdata_index(base_url=OPENSLIDE_TESTDATA_URL) -> dict:
     try:
         return json.loads(fetch_bytes(_url(base_url, "index.json")))
     except ValueError as error:
-        raise MiniKDError(f"{base_url}/index.json is not JSON ({error}): check --base-url") from None
+        raise MiniKDError(f"{base_url}/index.json is not JSON ({error}): "
+                          "check --base-url") from None
 
 
 def download_openslide_testdata(paths, out, base_url=OPENSLIDE_TESTDATA_URL,

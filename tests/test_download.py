@@ -110,7 +110,8 @@ def s3_listing(bucket, query, page_size=2) -> bytes:
     start = int(query.get("continuation-token", 0))
     page, truncated = keys[start:start + page_size], start + page_size < len(keys)
     contents = "".join(f"<Contents><Key>{k}</Key><Size>{s}</Size></Contents>" for k, s in page)
-    token = f"<NextContinuationToken>{start + page_size}</NextContinuationToken>" if truncated else ""
+    token = (f"<NextContinuationToken>{start + page_size}</NextContinuationToken>"
+             if truncated else "")
     return (f'<?xml version="1.0" encoding="UTF-8"?>'
             f'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
             f"<Name>camelyon-dataset</Name><KeyCount>{len(page)}</KeyCount>"
@@ -322,6 +323,7 @@ def test_camelyon16_first_n_takes_both_classes_and_writes_labels(server, tmp_pat
     slides = camelyon_bucket(server)
     paths = dl.download_camelyon16(tmp_path, first=3, base_url=server.url, progress=False)
     assert [p.name for p in paths] == ["normal_001.tif", "tumor_001.tif", "normal_002.tif"]
+    assert all(p.parent == tmp_path / "slides" for p in paths)  # the phantom cohort's layout
     assert all(p.read_bytes() == slides[p.stem] for p in paths)
     labels = read_labels(tmp_path / "labels.csv")
     assert {k: v[0] for k, v in labels.items()} == {"normal_001": 0, "normal_002": 0,
@@ -476,3 +478,9 @@ def test_cohort_scripts_write_labels(server, tmp_path):
     assert camelyon.returncode == 0 and tcga.returncode == 0, camelyon.stderr + tcga.stderr
     assert len(read_labels(tmp_path / "c16" / "labels.csv")) == 2
     assert len(read_labels(tmp_path / "nsclc" / "labels.csv")) == 4
+
+
+def test_build_phantom_script_reports_a_bad_cohort_size_in_one_line(tmp_path):
+    failed = run_script("build_phantom.py", str(tmp_path / "phantom"), "--slides", "2")
+    assert failed.returncode == 2
+    assert failed.stderr.count("\n") == 1 and "n_slides=2" in failed.stderr

@@ -7,7 +7,11 @@ pointed at a folder served on 127.0.0.1 holding those same bytes (or corrupted o
 import functools
 import hashlib
 import http.server
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +121,12 @@ def test_sample_pyramid_has_20x_5x_and_1_25x_levels_and_is_cached(pypi_sample):
     modified = path.stat().st_mtime_ns
     assert sample.sample_pyramid(data_dir) == path
     assert path.stat().st_mtime_ns == modified
+
+
+def test_the_script_prints_the_cached_sample_in_one_line(pypi_sample):
+    script = Path(__file__).resolve().parents[1] / "data_scripts" / "fetch_sample_slide.py"
+    done = subprocess.run([sys.executable, str(script), "--data-dir", str(pypi_sample.parent.parent),
+                           "--no-pyramid"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "MINI_KD_QUIET": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"sample slide: {pypi_sample}\n"
