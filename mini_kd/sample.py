@@ -113,7 +113,10 @@ def _is_sample(data: bytes) -> bool:
 
 
 def sample_pyramid(data_dir=None) -> Path:
-    """The sample as a 3-level 20x / 5x / 1.25x pyramid (downsamples 1, 4, 16), built once and cached."""
+    """The sample as a 3-level 20x / 5x / 1.25x pyramid (downsamples 1, 4, 16), built once.
+
+    Written next to the sample as ``CMU-1-Small-Region-pyramid.svs`` and reused when present.
+    """
     from mini_kd.pyramid import pyramid_from_slide
 
     source = fetch_sample_slide(data_dir)
