@@ -245,6 +245,7 @@ def stratified_split(labels: dict, seed=0, fractions=(0.6, 0.2, 0.2)) -> dict:
 def write_labels(path, labels: dict, split: dict) -> Path:
     """Write ``labels.csv`` (``slide_id,label,split``), one row per labelled slide, sorted."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["slide_id", "label", "split"])
