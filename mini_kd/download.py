@@ -43,7 +43,6 @@ import numpy as np
 
 from mini_kd.errors import MiniKDError
 from mini_kd.progress import progress as progress_bar
-from mini_kd.progress import quiet
 
 CHUNK_BYTES = 1 << 20
 RETRY_WAIT_SECONDS = 1.0  # doubled after every failed attempt
@@ -129,21 +128,12 @@ def _range_not_satisfiable(error, part: Path, offset: int) -> None:
 
 def _copy(response, part: Path, offset: int, total, show_progress) -> None:
     """Stream the body into ``part`` (appending at ``offset``) under a bytes progress bar."""
-    name = part.name.removesuffix(".part")
-    with open(part, "ab" if offset else "wb") as file, \
-            _bytes_bar(total, offset, name, show_progress) as bar:
+    with open(part, "ab" if offset else "wb") as file, progress_bar(
+            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=part.name.removesuffix(".part"), disable=not show_progress) as bar:
         while chunk := response.read(CHUNK_BYTES):
             file.write(chunk)
             bar.update(len(chunk))
-
-
-def _bytes_bar(total, initial, name, show_progress):
-    """A tqdm bar counting bytes; ``MINI_KD_QUIET=1`` switches it off, as does ``show_progress``."""
-    options = dict(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=name)
-    if not show_progress and not quiet():
-        options["disable"] = True
-    return progress_bar(**options)
 
 
 def _matches(path: Path, size, sha256, md5):
