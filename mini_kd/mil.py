@@ -1,0 +1,241 @@
+r"""Attention-based multiple-instance learning (MIL) on bags of tile features.
+
+A slide is a *bag* of N tiles; a tile's feature vector h_n ∈ R^D is an *instance*. Only the bag
+has a label. Bags of one batch differ in size, so they travel padded to the largest one,
+X ∈ R^{B x N x D}, with a boolean mask M ∈ {0, 1}^{B x N} (True = a real tile, False = padding);
+every function here gives padding exactly zero weight.
+
+**Attention pooling** (Ilse, Tomczak & Welling, "Attention-based Deep Multiple Instance
+Learning", ICML 2018, eqs. 8 and 9). Each instance gets a score, the attention logit
+
+    a_n = w^T tanh(V h_n)                                    (eq. 8)
+    a_n = w^T [ tanh(V h_n) ⊙ sigm(U h_n) ]                   (eq. 9, gated)
+
+with V, U ∈ R^{L x D} and w ∈ R^{L}; the scores become weights by a softmax over the bag's
+instances and the bag is their weighted mean,
+
+    α_n = exp(a_n) / Σ_{n'} exp(a_{n'}),        z = Σ_n α_n h_n ∈ R^D.
+
+**ABMIL** classifies the bag with one linear layer, ŷ = softmax(W z + b) ∈ R^C. LRMIL (Shin &
+Jeong 2026) uses it for both its HR teacher and its LR student (L = 128, no projection before
+the attention). AHDMIL's DMIN (Dong et al. 2025) scores every instance once per class,
+a_{n,c} = w_c^T[...] + b_c (``n_branches = C``, ``bias=True``), and pools once per class
+(CLAM-MB).
+
+**CLAM-style instance loss** (Lu et al., "Data-efficient and weakly supervised computational
+pathology on whole-slide images", Nat. Biomed. Eng. 2021): the k instances with the highest
+scores are pseudo-labelled 1, the k lowest 0, and an instance classifier learns to tell them
+apart (LRMIL's hard instance loss L_hard, with scores from the teacher's attention).
+
+The interface follows torchmil: batch-first tensors, an explicit mask, and
+``forward(X, mask)``, ``compute_loss(Y, X, mask)``, ``predict(X, mask)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mini_kd.errors import MiniKDError
+
+
+# -- softmax over the real instances of a bag ------------------------------------------------------
+def _fill_masked(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """``logits`` with −∞ at masked entries, except in rows with no kept entry, which become 0
+    (finite, so that a softmax over them is defined; the caller zeroes them afterwards)."""
+    mask = mask.bool().expand_as(logits)
+    keep_any = mask.any(dim=dim, keepdim=True)
+    return logits.masked_fill(~mask, float("-inf")).masked_fill(~keep_any, 0.0)
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None = None,
+                   dim: int = -1) -> torch.Tensor:
+    r"""α_n = M_n exp(a_n) / Σ_{n'} M_{n'} exp(a_{n'}) along ``dim``.
+
+    ``mask`` (bool, broadcastable to ``logits``; True = keep) gives masked entries exactly 0. A row
+    with no kept entry returns all zeros (an empty set of instances has no weights): it is
+    softmaxed over finite placeholders and zeroed, so no NaN appears even in intermediate steps
+    (a plain −∞ fill would make that row's softmax NaN and its backward pass NaN).
+    The softmax itself is torch's, which subtracts the row maximum, so logits of 1e4 do not
+    overflow; masked entries enter it as −∞, so their gradient is exactly 0 and every gradient
+    is finite.
+    """
+    if mask is None:
+        return torch.softmax(logits, dim=dim)
+    alpha = torch.softmax(_fill_masked(logits, mask, dim), dim=dim)
+    return alpha.masked_fill(~mask.bool().expand_as(logits), 0.0)
+
+
+def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor | None = None,
+                       dim: int = -1) -> torch.Tensor:
+    """log α of :func:`masked_softmax`: −∞ at masked entries (log 0), finite elsewhere, no NaN."""
+    if mask is None:
+        return torch.log_softmax(logits, dim=dim)
+    log_alpha = torch.log_softmax(_fill_masked(logits, mask, dim), dim=dim)
+    return log_alpha.masked_fill(~mask.bool().expand_as(logits), float("-inf"))
+
+
+def attention_pool(X: torch.Tensor, attention_logits: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""z = Σ_n α_n h_n with α = masked softmax of the attention logits over the instances.
+
+    ``X`` (B, N, D). ``attention_logits`` (B, N): one map, returns z (B, D) and α (B, N); or
+    (B, N, K): K maps (one per class), returns z (B, K, D) with z_k = Σ_n α_{n,k} h_n and
+    α (B, N, K). ``mask`` (B, N), or (B, N, K) to let each map keep its own subset (AHDMIL: class
+    k pools only over the instances its mask selects). A map that keeps no instance pools to 0.
+    """
+    if attention_logits.ndim == 3 and mask is not None and mask.ndim == 2:
+        mask = mask.unsqueeze(-1)  # (B, N, 1): the same instances for every map
+    alpha = masked_softmax(attention_logits, mask, dim=1)  # (B, N) or (B, N, K)
+    if alpha.ndim == 2:
+        return torch.einsum("bn,bnd->bd", alpha, X), alpha  # (B, D)
+    return torch.einsum("bnk,bnd->bkd", alpha, X), alpha  # (B, K, D)
+
+
+# -- attention pooling -----------------------------------------------------------------------------
+class AttentionPool(nn.Module):
+    r"""Attention scores and pooling (Ilse et al. 2018, eqs. 8-9).
+
+        a_n = w^T tanh(V h_n)  [+ b]                         (gated=False)
+        a_n = w^T [tanh(V h_n) ⊙ sigm(U h_n)]  [+ b]         (gated=True)
+
+    V, U: ``in_dim`` -> ``hidden`` (= L), with biases; w: ``hidden`` -> K. ``dropout`` acts on
+    tanh(V h) and on sigm(U h), as in CLAM's gated attention network.
+
+    ``n_branches=None`` (default): one attention map, a ∈ R^{B x N}. ``n_branches=K``: K maps,
+    a ∈ R^{B x N x K}, one per class (CLAM-MB, AHDMIL's DMIN with K = C). The shape depends only
+    on whether branches were asked for, never on the value of K.
+
+    ``bias``: whether w has a bias b. A constant shift of every logit does not change the softmax,
+    so ABMIL has none (as in eq. 8); a threshold on the logits (AHDMIL's keep mask 1[a > 0]) does
+    see it.
+
+    ``forward(X, mask)`` returns the bag z and the attention logits a (before the softmax); the
+    logits of padding entries are computed but meaningless, read them through the mask.
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 128, gated: bool = False, dropout: float = 0.0,
+                 n_branches: int | None = None, bias: bool = False):
+        super().__init__()
+        self.gated, self.n_branches = gated, n_branches
+        self.V = nn.Linear(in_dim, hidden)
+        self.U = nn.Linear(in_dim, hidden) if gated else None
+        self.w = nn.Linear(hidden, 1 if n_branches is None else n_branches, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def score(self, X: torch.Tensor) -> torch.Tensor:
+        """Attention logits a: X (B, N, D) -> (B, N), or (B, N, K) with branches."""
+        hidden = self.dropout(torch.tanh(self.V(X)))  # (B, N, L)
+        if self.gated:
+            hidden = hidden * self.dropout(torch.sigmoid(self.U(X)))  # (B, N, L)
+        a = self.w(hidden)  # (B, N, K)
+        return a.squeeze(-1) if self.n_branches is None else a
+
+    def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """X (B, N, D), mask (B, N) -> z (B, D) or (B, K, D), a (B, N) or (B, N, K)."""
+        a = self.score(X)
+        z, _ = attention_pool(X, a, mask)
+        return z, a
+
+
+def check_bags(X: torch.Tensor, mask: torch.Tensor | None, in_dim: int) -> torch.Tensor:
+    """Validate a padded batch of bags; return the mask (all True when None), bool (B, N)."""
+    if X.ndim != 3:
+        raise MiniKDError(f"bags must be a tensor (B, N, D), got shape {tuple(X.shape)}; for one "
+                          "bag of features (N, D) pass X.unsqueeze(0)")
+    if X.shape[-1] != in_dim:
+        raise MiniKDError(f"tile features have D = {X.shape[-1]} but the model was built for "
+                          f"in_dim = {in_dim}; build it with in_dim={X.shape[-1]} or use the "
+                          "encoder it was trained on")
+    if mask is None:
+        mask = torch.ones(X.shape[:2], dtype=torch.bool, device=X.device)
+    if mask.shape != X.shape[:2]:
+        raise MiniKDError(f"mask has shape {tuple(mask.shape)} but the bags are {tuple(X.shape[:2])} "
+                          "(B, N); pass the mask that pad_bags returned with X")
+    mask = mask.bool()
+    if X.shape[1] == 0 or not mask.any(dim=1).all():
+        raise MiniKDError("bag has no tiles (N = 0 or its mask is all False): a slide needs at least "
+                          "one tissue tile; lower min_tissue when tiling or drop the slide")
+    return mask
+
+
+# -- ABMIL -----------------------------------------------------------------------------------------
+class MILOutput(NamedTuple):
+    """What a MIL model returns for a batch of B bags of N (padded) instances of dimension D."""
+
+    logits: torch.Tensor            # (B, C) bag class logits
+    attention_logits: torch.Tensor  # (B, N) a_n before the softmax
+    bag: torch.Tensor               # (B, D) bag representation z
+
+
+class ABMIL(nn.Module):
+    r"""Attention-based MIL classifier (Ilse et al. 2018).
+
+        a = AttentionPool(X),   α = softmax_{n: M_n}(a),   z = Σ_n α_n h_n,   logits = W z + b
+
+    X ∈ R^{B x N x D}, mask M ∈ {0, 1}^{B x N}; logits ∈ R^{B x C}. Trained with cross-entropy
+    on the bag labels. A bag of one tile gets α = 1 and z = h_1; a bag with no tile raises
+    :class:`~mini_kd.errors.MiniKDError`.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 128, gated: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.in_dim, self.n_classes = in_dim, n_classes
+        self.attention = AttentionPool(in_dim, hidden, gated=gated, dropout=dropout)
+        self.classifier = nn.Linear(in_dim, n_classes)
+
+    def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        mask = check_bags(X, mask, self.in_dim)  # (B, N)
+        z, a = self.attention(X, mask)  # (B, D), (B, N)
+        return MILOutput(logits=self.classifier(z), attention_logits=a, bag=z)  # logits (B, C)
+
+    def compute_loss(self, Y: torch.Tensor, X: torch.Tensor, mask: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy of the bag logits against the labels Y (B,); returns (loss, {"ce": loss})."""
+        loss = F.cross_entropy(self(X, mask).logits, Y)
+        return loss, {"ce": loss.detach()}
+
+    @torch.no_grad()
+    def predict(self, X: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities (B, C) and attention weights α (B, N) (0 on padding, rows sum to 1)."""
+        mask = check_bags(X, mask, self.in_dim)  # (B, N)
+        out = self(X, mask)
+        return torch.softmax(out.logits, dim=-1), masked_softmax(out.attention_logits, mask)
+
+
+# -- CLAM-style instance loss ----------------------------------------------------------------------
+class InstanceClassifier(nn.Linear):
+    """One linear layer h_n -> 2 logits (not-relevant, relevant): CLAM's instance head, LRMIL's
+    ``inst_classifier``. (..., D) -> (..., 2)."""
+
+    def __init__(self, in_dim: int):
+        super().__init__(in_dim, 2)
+
+
+def topk_instance_loss(instance_logits: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    r"""CE of pseudo-labelled instances: the top k' by score are labelled 1, the bottom k' are 0.
+
+        k' = min(k, ⌊N/2⌋),   L = (1 / 2k') Σ_{n ∈ top ∪ bottom} CE(instance_logits_n, label_n)
+
+    ``instance_logits`` (N, 2) for one bag, ``scores`` (N,) (e.g. the teacher's attention; only
+    their order matters, no gradient flows through them). k' ≤ N/2 keeps the two sets disjoint.
+    With fewer than 2 instances there is no pair of a top and a bottom instance to contrast, so
+    the loss is 0 (a constant, the bag contributes nothing).
+    """
+    n = instance_logits.shape[0]
+    if instance_logits.shape != (n, 2) or scores.shape != (n,):
+        raise MiniKDError(f"topk_instance_loss needs instance_logits (N, 2) and scores (N,) of one "
+                          f"bag, got {tuple(instance_logits.shape)} and {tuple(scores.shape)}")
+    k = min(k, n // 2)
+    if k == 0:
+        return instance_logits.new_zeros(())
+    order = torch.argsort(scores.detach(), descending=True, stable=True)  # (N,)
+    chosen = torch.cat([order[:k], order[-k:]])  # (2k,) top then bottom
+    labels = torch.tensor([1] * k + [0] * k, device=instance_logits.device)  # (2k,)
+    return F.cross_entropy(instance_logits[chosen], labels)
