@@ -9,6 +9,8 @@ encoder sees identical inputs).
 import numpy as np
 import torch
 
+from mini_kd.errors import MiniKDError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -51,3 +53,46 @@ def cohort_features(cohort, grids: dict, encoder, batch_size: int = 64, device=N
     slides = [(slide_id, cohort.slide_path(slide_id), grids[slide_id]) for slide_id in grids]
     return extract_cohort(slides, encoder, cohort.root / "features", batch_size=batch_size,
                           device=device)
+
+
+# -- slides as bags of tile features (MIL) ---------------------------------------------------------
+class BagDataset(torch.utils.data.Dataset):
+    """Item i = ``(X, y, slide_id)`` for ``slide_id = ids[i]``: the slide's tile features X
+    float32 (N, D), its label y (int) and its id.
+
+    ``features`` maps slide_id -> (N, D) tensor or array; it may be a lazy mapping such as the
+    feature cache of :func:`cohort_features`, read only when an item is asked for. ``labels``
+    maps slide_id -> class. Batch bags of different sizes with ``collate_fn=pad_bags``.
+    """
+
+    def __init__(self, features, labels, ids):
+        known = set(features.keys())
+        missing = [i for i in ids if i not in known or i not in labels]
+        if missing:
+            raise MiniKDError(f"{len(missing)} slide(s) have no features or no label, e.g. "
+                              f"{missing[:3]}; extract their features and list them in the labels")
+        self.features, self.labels, self.ids = features, labels, list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        slide_id = self.ids[index]
+        X = torch.as_tensor(self.features[slide_id]).float()  # (N, D)
+        if X.ndim != 2:
+            raise MiniKDError(f"features of {slide_id} have shape {tuple(X.shape)}, expected (N, D)")
+        return X, int(self.labels[slide_id]), slide_id
+
+
+def pad_bags(batch):
+    """Collate bags of different sizes: a list of ``(X (N_b, D), y, slide_id)`` ->
+    ``(X (B, N_max, D) zero-padded, mask (B, N_max) bool True on real tiles, y (B,) int64, ids)``."""
+    bags, labels, ids = zip(*batch)
+    dims = {X.shape[-1] for X in bags}
+    if len(dims) != 1:
+        raise MiniKDError(f"bags of one batch have feature sizes {sorted(dims)}; extract every "
+                          "slide with the same encoder")
+    lengths = torch.tensor([len(X) for X in bags])  # (B,)
+    X = torch.nn.utils.rnn.pad_sequence(bags, batch_first=True)  # (B, N_max, D)
+    mask = torch.arange(X.shape[1]) < lengths[:, None]  # (B, N_max)
+    return X, mask, torch.tensor(labels, dtype=torch.long), list(ids)
