@@ -1,0 +1,370 @@
+"""LRMIL: the 4x4 geometry, every loss on hand-computed values, stage 1 end to end on a tiny
+phantom, seeds, and `mini-kd predict lrmil` on a tiny slide with a tiny checkpoint."""
+
+import csv
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from mini_kd import MiniKDError
+from mini_kd.cli import main as cli_main
+from mini_kd.data import cohort_features, cohort_grids, to_tensor
+from mini_kd.encoders import build_encoder
+from mini_kd.methods import lrmil
+from mini_kd.phantom import make_cohort, render_slide
+from mini_kd.presets import PRESETS
+from mini_kd.slides import open_slide
+from mini_kd.tiling import TileGrid, tile_grid
+
+TINY = dict(widths=(8, 8, 8, 8), groups=4)  # a tiny_resnet_gn: 8-d embeddings, fast on a CPU
+
+
+def tiny_encoder(seed=0):
+    torch.manual_seed(seed)
+    return build_encoder("tiny_resnet_gn", pretrained=False, **TINY).eval()
+
+
+def tiny_config(**overrides):
+    base = dict(hr_tile=32, lr_tile=32, encoder="tiny_resnet_gn", hidden=8, mil_epochs=3,
+                patience=None, kd_layers=("layer1", "layer2"), stage1_tiles=6, stage1_epochs=2,
+                stage1_batch=3)
+    return lrmil.LRMILConfig(**{**base, **overrides})
+
+
+# -- the 4x4 geometry -------------------------------------------------------------------------------
+def hand_made_grids():
+    """HR tiles of 8 px at 20x under three LR tiles of 32 px (k = 4):
+
+    LR (0, 0)  all 16 children but (8, 8), which had no tissue (slot 5);
+    LR (32, 0) at the slide's right edge: only columns x = 32, 40 exist (8 children);
+    LR (0, 32) tissue at 5x but no HR tile kept under it.
+    The HR grid lists its tiles in a scrambled order.
+    """
+    hr = [(x, y) for y in range(0, 32, 8) for x in range(0, 32, 8) if (x, y) != (8, 8)]
+    hr += [(x, y) for y in range(0, 32, 8) for x in (32, 40)]
+    order = np.random.default_rng(0).permutation(len(hr))
+    hr_grid = TileGrid(np.array(hr)[order], 20.0, 8, 8, 20.0, "s")
+    lr_grid = TileGrid(np.array([(0, 0), (32, 0), (0, 32)]), 5.0, 8, 32, 20.0, "s")
+    return hr_grid, lr_grid
+
+
+def test_link_grids_puts_each_hr_child_in_its_slot_and_marks_missing_children():
+    hr_grid, lr_grid = hand_made_grids()
+    children = lrmil.link_grids(hr_grid, lr_grid, k=4)
+    assert children.shape == (3, 16)
+    index = {tuple(xy): n for n, xy in enumerate(hr_grid.coords.tolist())}
+    for slot in range(16):
+        row, col = divmod(slot, 4)
+        expected = -1 if (row, col) == (1, 1) else index[(8 * col, 8 * row)]
+        assert children[0, slot] == expected
+    edge = children[1].reshape(4, 4)
+    assert (edge[:, 2:] == -1).all()  # off the slide
+    assert [index[(32 + 8 * c, 8 * r)] for r in range(4) for c in range(2)] == edge[:, :2].ravel().tolist()
+    assert (children[2] == -1).all()  # no HR tile under it
+    assert sorted(children[children >= 0].tolist()) == list(range(len(hr_grid)))
+
+
+def test_link_grids_refuses_an_lr_grid_that_is_not_k_times_coarser():
+    hr_grid, lr_grid = hand_made_grids()
+    with pytest.raises(MiniKDError, match="k·8"):
+        lrmil.link_grids(hr_grid, lr_grid, k=2)
+
+
+def test_teacher_guided_attention_pools_over_the_present_children_only():
+    logits = torch.tensor([1.0, 3.0, 5.0, -2.0])  # teacher a_n of 4 HR tiles
+    children = torch.tensor([[0, 1, -1, 2], [-1, 3, -1, -1]])  # k = 2: an edge tile with 1 child
+    torch.testing.assert_close(lrmil.teacher_guided_attention(logits, children, "mean"),
+                               torch.tensor([3.0, -2.0]))
+    torch.testing.assert_close(lrmil.teacher_guided_attention(logits, children, "max"),
+                               torch.tensor([5.0, -2.0]))
+    with pytest.raises(MiniKDError, match="mean' or 'max"):
+        lrmil.teacher_guided_attention(logits, children, "median")
+
+
+def test_teacher_guided_attention_refuses_an_lr_tile_without_children_and_an_empty_slide():
+    with pytest.raises(MiniKDError, match="no HR child"):
+        lrmil.teacher_guided_attention(torch.zeros(2), torch.tensor([[0, 1, -1, -1], [-1] * 4]))
+    with pytest.raises(MiniKDError, match="no LR tile"):
+        lrmil.teacher_guided_attention(torch.zeros(2), torch.zeros((0, 4), dtype=torch.long))
+
+
+def test_children_weights_are_the_teacher_softmax_renormalised_over_the_children():
+    logits = torch.tensor([1.0, 3.0, 5.0, 0.0])
+    children = torch.tensor([[0, 1, -1, 2], [3, -1, -1, -1]])
+    weights = lrmil.children_weights(logits, children)
+    e = torch.exp(torch.tensor([1.0, 3.0, 5.0]))
+    torch.testing.assert_close(weights[0], torch.stack([e[0], e[1], torch.tensor(0.0), e[2]]) / e.sum())
+    torch.testing.assert_close(weights[1], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(weights.sum(1), torch.ones(2))
+
+
+def test_child_blocks_are_block_means_for_any_map_size():
+    even = torch.arange(16.0).reshape(1, 1, 4, 4)  # k = 2: 2x2 blocks
+    torch.testing.assert_close(lrmil.child_blocks(even, 2), torch.tensor([[[2.5], [4.5], [10.5], [12.5]]]))
+    odd = torch.arange(9.0).reshape(1, 1, 3, 3)  # 3 rows for k = 2: blocks rows [0, 2) and [1, 3)
+    torch.testing.assert_close(lrmil.child_blocks(odd, 2), torch.tensor([[[2.0], [3.0], [5.0], [6.0]]]))
+
+
+# -- stage-1 losses ---------------------------------------------------------------------------------
+def test_layer_loss_on_hand_computed_values():
+    student = torch.zeros(1, 2, 2, 2)  # k = 2 on a 2x2 map: one position per child
+    student[0, 0] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    teacher = torch.zeros(1, 4, 2)
+    present = torch.tensor([[True, True, False, True]])
+    # per child: mean over 2 channels of the squared error = 0.5, 2, (absent), 8
+    one_layer = lrmil.layer_loss({"a": student}, {"a": teacher}, present, k=2)
+    torch.testing.assert_close(one_layer, torch.tensor((0.5 + 2 + 8) / 3))
+    two_layers = lrmil.layer_loss({"a": student, "b": torch.zeros(1, 2, 4, 4)},
+                                  {"a": teacher, "b": torch.ones(1, 4, 2)}, present, k=2)
+    torch.testing.assert_close(two_layers, torch.tensor(((0.5 + 2 + 8) / 3 + 1.0) / 2))
+
+
+def test_attention_weighted_loss_on_hand_computed_values():
+    s = torch.zeros(1, 2)
+    u = torch.tensor([[[1.0, 1.0], [2.0, 0.0], [9.0, 9.0], [0.0, 2.0]]])  # child 2 absent
+    w = torch.tensor([[0.5, 0.25, 0.0, 0.25]])
+    # 0.5·1 + 0.25·2 + 0·81 + 0.25·2
+    torch.testing.assert_close(lrmil.attention_weighted_loss(s, u, w), torch.tensor(1.5))
+
+
+def test_stage1_loss_weighs_its_two_terms():
+    maps = {"a": torch.zeros(1, 2, 2, 2), "f": torch.ones(1, 2, 2, 2)}
+    batch = {"targets": {"a": torch.ones(1, 4, 2)}, "final": torch.zeros(1, 4, 2),
+             "present": torch.ones(1, 4, dtype=torch.bool), "weights": torch.full((1, 4), 0.25)}
+    config = lrmil.LRMILConfig(k=2, lambda_layer=2.0, lambda_attn=3.0)
+    loss, terms = lrmil.stage1_loss(maps, batch, config, final_layer="f")
+    assert terms == {"L_layer": 1.0, "L_attn": 1.0}
+    torch.testing.assert_close(loss, torch.tensor(5.0))
+
+
+# -- stage-2 losses ---------------------------------------------------------------------------------
+def test_bag_kd_loss_on_hand_computed_values():
+    z_s, z_t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
+    expected_t1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    torch.testing.assert_close(lrmil.bag_kd_loss(z_s, z_t, 1.0), torch.tensor(expected_t1))
+    p = math.sqrt(3) / (math.sqrt(3) + 1)  # softmax([ln 3 / 2, 0])[0]
+    expected_t2 = 4 * (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5))
+    torch.testing.assert_close(lrmil.bag_kd_loss(z_s, z_t, 2.0), torch.tensor(expected_t2))
+
+
+def test_soft_attention_loss_is_a_kl_summed_over_the_bag():
+    a_s, guide = torch.zeros(1, 3), torch.tensor([[math.log(2.0), 0.0, 0.0]])
+    expected = 0.5 * math.log(0.5 * 3) + 2 * 0.25 * math.log(0.25 * 3)  # p_t = (.5, .25, .25)
+    torch.testing.assert_close(lrmil.soft_attention_loss(a_s, guide, 1.0), torch.tensor(expected))
+
+
+def test_hard_instance_loss_labels_top_k_by_teacher_attention_one_and_bottom_k_zero():
+    guide = torch.tensor([0.1, 5.0, -3.0, 0.2])  # top-1: tile 1, bottom-1: tile 2
+    logits = torch.zeros(4, 2)
+    logits[1] = torch.tensor([0.0, math.log(3.0)])  # P(relevant) = 3/4
+    expected = (-math.log(0.75) + math.log(2.0)) / 2
+    torch.testing.assert_close(lrmil.hard_instance_loss(logits, guide, topk=1), torch.tensor(expected))
+
+
+def student_bag(n_tiles=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"X": torch.randn(1, n_tiles, 8, generator=g), "y": torch.tensor([1]),
+            "teacher_logits": torch.tensor([[0.0, 2.0]]), "guide": torch.randn(1, n_tiles, generator=g)}
+
+
+def test_stage2_loss_is_the_lambda_weighted_sum_and_skips_terms_with_zero_weight():
+    torch.manual_seed(0)
+    model = lrmil.StudentABMIL(8, 2, hidden=8)
+    bag = student_bag()
+    config = lrmil.LRMILConfig(lambda_ce=1.0, lambda_bag=0.5, lambda_soft=2.0, lambda_hard=0.25,
+                               T_b=2.0, T_a=1.0, topk=1)
+    loss, terms = lrmil.stage2_loss(model, bag, config)
+    out = model(bag["X"])
+    expected = {
+        "L_Pre": torch.nn.functional.cross_entropy(out.logits, bag["y"]),
+        "L_Bag": lrmil.bag_kd_loss(out.logits, bag["teacher_logits"], 2.0),
+        "L_soft": lrmil.soft_attention_loss(out.attention_logits, bag["guide"], 1.0),
+        "L_hard": lrmil.hard_instance_loss(model.instance_classifier(bag["X"][0]), bag["guide"][0], 1),
+    }
+    assert terms == pytest.approx({k: v.item() for k, v in expected.items()})
+    total = expected["L_Pre"] + 0.5 * expected["L_Bag"] + 2.0 * expected["L_soft"] + 0.25 * expected["L_hard"]
+    torch.testing.assert_close(loss, total)
+    _, plain = lrmil.stage2_loss(model, {"X": bag["X"], "y": bag["y"]},
+                                 lrmil.LRMILConfig(lambda_bag=0, lambda_soft=0, lambda_hard=0))
+    assert set(plain) == {"L_Pre"}
+
+
+def test_a_single_tile_bag_has_attention_one_and_zero_attention_losses():
+    torch.manual_seed(0)
+    model = lrmil.StudentABMIL(8, 2, hidden=8)
+    bag = student_bag(n_tiles=1)
+    _, alpha = model.predict(bag["X"])
+    torch.testing.assert_close(alpha, torch.ones(1, 1))
+    loss, terms = lrmil.stage2_loss(model, bag, lrmil.LRMILConfig(topk=2))
+    assert terms["L_soft"] == 0 and terms["L_hard"] == 0 and math.isfinite(float(loss))
+
+
+def test_an_empty_bag_is_refused_with_a_clear_error():
+    with pytest.raises(MiniKDError, match="no tile features"):
+        lrmil.bag_items({"s": torch.zeros(0, 8)}, {"s": 1}, ["s"])
+    with pytest.raises(MiniKDError, match="no tiles"):
+        lrmil.StudentABMIL(8, 2, hidden=8)(torch.zeros(1, 0, 8))
+
+
+def test_teacher_attention_logits_are_per_tile_and_their_softmax_sums_to_one():
+    features = {f"s{i}": torch.randn(5 + i, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)}
+    torch.manual_seed(0)
+    teacher = lrmil.ABMIL(8, 2, hidden=8)
+    out = lrmil.teacher_outputs(teacher, features, list(features))
+    for slide_id, X in features.items():
+        assert out[slide_id]["logits"].shape == (2,)
+        assert out[slide_id]["attention_logits"].shape == (len(X),)  # one per tile, not the bag vector
+        torch.testing.assert_close(torch.softmax(out[slide_id]["attention_logits"], 0).sum(), torch.tensor(1.0))
+
+
+# -- training: seeds -------------------------------------------------------------------------------
+def synthetic_bags(n_slides=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = [f"s{i}" for i in range(n_slides)]
+    labels = {s: i % 2 for i, s in enumerate(ids)}
+    features = {s: torch.randn(6, 8, generator=g) + labels[s] for s in ids}
+    split = {"train": ids[:8], "val": ids[8:10], "test": ids[10:]}
+    teacher = {s: {"logits": torch.tensor([1.0 - labels[s], float(labels[s])])} for s in ids}
+    guides = {s: features[s].mean(1) for s in ids}
+    return features, labels, split, teacher, guides
+
+
+def test_same_seed_gives_the_same_student_and_another_seed_does_not():
+    features, labels, split, teacher, guides = synthetic_bags()
+    items = lrmil.bag_items(features, labels, split["test"])
+
+    def probabilities(seed):
+        config = tiny_config(seed=seed, mil_epochs=3)
+        student = lrmil.train_student(features, labels, split, config, teacher, guides)
+        return lrmil.predict_bags(student, items)[1]
+
+    first, again, other = probabilities(0), probabilities(0), probabilities(1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+# -- stage 1 end to end on a tiny phantom cohort ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory):
+    cohort = make_cohort(tmp_path_factory.mktemp("lrmil_cohort"), n_slides=6, slide_size=512)
+    config = tiny_config()
+    hr_grids = cohort_grids(cohort, 20.0, config.hr_tile, config.min_tissue)
+    lr_grids = cohort_grids(cohort, 5.0, config.lr_tile, config.min_tissue)
+    encoder = tiny_encoder()
+    hr_features = cohort_features(cohort, hr_grids, encoder)
+    teacher = {s: {"attention_logits": torch.randn(len(hr_grids[s]),
+                                                   generator=torch.Generator().manual_seed(i))}
+               for i, s in enumerate(cohort.ids())}
+    return cohort, config, hr_grids, lr_grids, encoder, hr_features, teacher
+
+
+def test_stage1_targets_are_the_hr_encoders_own_pooled_outputs_on_the_20x_children(tiny_cohort, tmp_path):
+    cohort, config, hr_grids, lr_grids, encoder, hr_features, teacher = tiny_cohort
+    ids = cohort.ids("train")
+    items = lrmil.stage1_data(cohort, ids, hr_grids, lr_grids, hr_features, teacher, encoder,
+                              config, tmp_path / "targets")
+    assert len(items) == config.stage1_tiles
+    assert list((tmp_path / "targets").rglob("*.h5"))  # cached
+    slide_id = next(s for s in ids if len(lr_grids[s]))
+    children = torch.from_numpy(lrmil.link_grids(hr_grids[slide_id], lr_grids[slide_id], config.k))
+    first = lrmil.stage1_data(cohort, [slide_id], hr_grids, lr_grids, hr_features, teacher, encoder,
+                              replace(config, stage1_tiles=1), tmp_path / "targets")[0]
+    # which LR tile was drawn: the one whose pixels these are
+    with open_slide(cohort.slide_path(slide_id)) as slide:
+        lr_tiles = slide.read_tiles(lr_grids[slide_id].coords, config.lr_tile, 5.0)
+        j = next(j for j in range(len(lr_tiles)) if np.array_equal(lr_tiles[j], first["tiles"].numpy()))
+        slots = np.flatnonzero(children[j] >= 0)
+        hr_tiles = slide.read_tiles(hr_grids[slide_id].coords[children[j][slots]], config.hr_tile, 20.0)
+    with torch.no_grad():
+        expected = encoder.embeddings(to_tensor(hr_tiles), ["layer2", "layer4"])
+    torch.testing.assert_close(first["targets"]["layer2"][slots], expected["layer2"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first["final"][slots], expected["layer4"], rtol=1e-4, atol=1e-5)
+    assert first["present"].tolist() == (children[j] >= 0).tolist()
+    torch.testing.assert_close(first["weights"],
+                               lrmil.children_weights(teacher[slide_id]["attention_logits"], children[j:j + 1])[0])
+
+
+def test_stage1_training_is_repeatable_and_lowers_the_loss(tiny_cohort, tmp_path):
+    cohort, config, hr_grids, lr_grids, encoder, hr_features, teacher = tiny_cohort
+    config = replace(config, stage1_epochs=4, stage1_lr=1e-2)
+    hr_weights = {k: v.clone() for k, v in encoder.state_dict().items()}
+    items = lrmil.stage1_data(cohort, cohort.ids("train"), hr_grids, lr_grids, hr_features, teacher,
+                              encoder, config, tmp_path / "targets")
+    lr_encoder, history = lrmil.train_stage1(encoder, items, config)
+    again, _ = lrmil.train_stage1(encoder, items, config)
+    for a, b in zip(lr_encoder.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    losses = history.column("train_loss")
+    assert min(losses[1:]) < losses[0]
+    assert not torch.equal(lr_encoder.stem[0].weight, encoder.stem[0].weight)  # a copy was trained
+    for name, value in encoder.state_dict().items():  # the HR encoder itself stays as it was
+        torch.testing.assert_close(value, hr_weights[name], rtol=0, atol=0)
+
+
+def test_stage1_refuses_layers_the_encoder_does_not_have(tiny_cohort, tmp_path):
+    cohort, config, hr_grids, lr_grids, encoder, hr_features, teacher = tiny_cohort
+    with pytest.raises(MiniKDError, match="not layers of tiny_resnet_gn"):
+        lrmil.stage1_data(cohort, cohort.ids("train"), hr_grids, lr_grids, hr_features, teacher,
+                          encoder, replace(config, kd_layers=("stage3",)), tmp_path)
+
+
+# -- inference: 5x only, and the CLI ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lrmil_predict")
+    slides = folder / "slides"
+    slides.mkdir()
+    for index in range(2):
+        render_slide(slides / f"tiny_{index}.svs", folder / f"tiny_{index}.png", seed=3, index=index,
+                     is_tumour=bool(index), difficulty=0.5, slide_size=512)
+    torch.manual_seed(0)
+    student = lrmil.StudentABMIL(8, 2, hidden=8)
+    checkpoint = lrmil.save_checkpoint(folder / "tiny.pt", tiny_encoder(), student, tiny_config(),
+                                       encoder_kwargs=TINY)
+    return checkpoint, slides
+
+
+def test_predictor_reads_5x_tiles_only_and_matches_the_student_on_them(tiny_checkpoint):
+    checkpoint, slides = tiny_checkpoint
+    predictor = lrmil.load_predictor(checkpoint)
+    path = slides / "tiny_1.svs"
+    result = predictor(path, details=True)
+    with open_slide(path) as slide:
+        grid = tile_grid(slide, 5.0, 32, 0.5)
+        tiles = slide.read_tiles(grid.coords, 32, 5.0)
+    assert result["grid"].mag == 5.0 and result["tiles_read"] == len(grid)
+    with torch.no_grad():
+        out = predictor.mil(predictor.encoder(to_tensor(tiles)).unsqueeze(0))
+    assert result["probability"] == pytest.approx(torch.softmax(out.logits, -1)[0, 1].item(), abs=1e-6)
+    assert result["attention"].sum() == pytest.approx(1.0, abs=1e-6)
+    assert set(result["seconds"]) == {"tissue", "grid", "read", "encode", "MIL"}
+    assert result["label"] == int(result["probability"] >= 0.5)
+
+
+def test_cli_predicts_a_slide_and_a_folder_to_csv(tiny_checkpoint, tmp_path, capsys):
+    checkpoint, slides = tiny_checkpoint
+    assert cli_main(["predict", "lrmil", str(checkpoint), str(slides / "tiny_0.svs")]) == 0
+    assert "tiny_0: label" in capsys.readouterr().out
+    out = tmp_path / "predictions.csv"
+    assert cli_main(["predict", "lrmil", str(checkpoint), str(slides), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [row["slide_id"] for row in rows] == ["tiny_0", "tiny_1"]
+    assert {"label", "probability", "tiles_read", "seconds_read", "seconds_encode", "seconds_MIL"} <= set(rows[0])
+    assert all(0.0 <= float(row["probability"]) <= 1.0 for row in rows)
+
+
+def test_cli_refuses_a_file_that_is_not_an_lrmil_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    _, slides = tiny_checkpoint
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"model": {}}, bogus)
+    assert cli_main(["predict", "lrmil", str(bogus), str(slides / "tiny_0.svs")]) == 2
+    assert "not an LRMIL checkpoint" in capsys.readouterr().err
+
+
+def test_every_preset_keeps_the_papers_4x4_geometry():
+    for preset in PRESETS:
+        config = lrmil.config_for(preset)
+        assert config.k == 4 and config.hr_mag / config.lr_mag == 4
