@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import tiffslide
+from PIL import Image
 
 from mini_kd.errors import MiniKDError
 from mini_kd.slides import open_slide
@@ -77,8 +78,10 @@ def _check_arguments(shape, mpp, magnification, downsamples, tile) -> tuple[int,
 def _area_average(band: np.ndarray, downsample: int) -> np.ndarray:
     """uint8 (h // d, w // d, 3): mean of each d x d block of ``band`` (h, w, 3), edges dropped."""
     h, w = band.shape[0] // downsample, band.shape[1] // downsample
-    blocks = band[: h * downsample, : w * downsample].reshape(h, downsample, w, downsample, 3)
-    return np.rint(blocks.mean(axis=(1, 3), dtype=np.float32)).astype(np.uint8)
+    if h == 0 or w == 0:  # the last band can be thinner than one block
+        return np.empty((h, w, 3), np.uint8)
+    blocks = Image.fromarray(np.ascontiguousarray(band[: h * downsample, : w * downsample]))
+    return np.asarray(blocks.reduce(downsample))  # PIL's box reduction: the block mean, rounded
 
 
 def _tiles(band: np.ndarray, tile: int) -> Iterator[np.ndarray]:

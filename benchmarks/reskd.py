@@ -1,0 +1,63 @@
+"""ResKD on the phantom: accuracy and FLOPs of the HR teacher, KD and CE students at ÷2..÷16,
+and the KD student with more unlabeled slides.
+
+Runs :func:`mini_kd.methods.reskd.run_experiment`, the same function notebook 02 runs, and
+writes its results plus the issue's targets, met or not:
+
+- the ÷8 student needs at least 64x fewer FLOPs (measured) and is within 2 accuracy points of
+  the teacher;
+- at every factor the KD student scores at least as well as the CE student.
+
+Trained networks are checkpointed under $MINI_KD_DATA/reskd, so running this after the notebook
+(same preset) reloads them instead of training again.
+
+    python benchmarks/reskd.py --preset book --out benchmarks/results/reskd.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from mini_kd.methods import reskd
+
+
+def targets(results: dict) -> dict:
+    """The issue's two targets, evaluated on ``results``."""
+    teacher = results["teacher"]["accuracy"]
+    by_factor = {row["factor"]: row for row in results["students"]}
+    x8 = by_factor.get(8)
+    return {
+        "x8_flop_reduction": x8 and x8["flop_reduction"],
+        "x8_at_least_64x_fewer_flops": bool(x8 and x8["flop_reduction"] >= 64),
+        "x8_gap_to_teacher": x8 and teacher - x8["kd_accuracy"],
+        "x8_within_2_points_of_teacher": bool(x8 and teacher - x8["kd_accuracy"] <= 0.02),
+        "kd_at_or_above_ce": {row["factor"]: row["kd_accuracy"] >= row["ce_accuracy"]
+                              for row in results["students"]},
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=reskd.PRESETS, default="smoke")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/reskd.json"))
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    results = reskd.run_experiment(reskd.config_for(args.preset))
+    results["targets"] = targets(results)
+    results["wall_seconds"] = time.perf_counter() - start
+    results["machine"] = {"platform": platform.platform(), "threads": torch.get_num_threads(),
+                          "cuda": torch.cuda.is_available()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    summary = {key: results[key] for key in ("teacher", "students", "unlabeled", "targets", "wall_seconds")}
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

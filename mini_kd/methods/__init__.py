@@ -1,0 +1,1 @@
+"""The papers' methods, one module each: ``reskd``, ``lrmil``, ``ahdmil``."""
