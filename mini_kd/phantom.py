@@ -566,6 +566,40 @@ def _tile_candidates(label_map: np.ndarray, code: int, window: int, min_fraction
     return np.column_stack([cols, rows]).astype(np.int64) * 4
 
 
+def class_tiles(cohort: Cohort, code: int, count: int, tile_size: int, rng,
+                min_fraction: float = 0.7) -> np.ndarray:
+    """int64 (count, 3) rows (slide index, x, y): random 20x tiles of ``tile_size`` px, each at least
+    ``min_fraction`` of class ``code`` in its slide's label map, drawn from the whole cohort.
+
+    Corners lie on a 16-px level-0 lattice; ``rng`` is a numpy Generator. Raises if the cohort
+    holds fewer than ``count`` such tiles.
+    """
+    pool = []
+    for index, slide_id in enumerate(cohort.ids()):
+        label_map, downsample = cohort.label_map(slide_id)
+        corners = _tile_candidates(label_map, code, tile_size // downsample, min_fraction)
+        pool.append(np.column_stack([np.full(len(corners), index), corners * downsample]))
+    pool = np.concatenate(pool).astype(np.int64)  # (M, 3)
+    if len(pool) < count:
+        raise MiniKDError(f"the cohort holds {len(pool)} {LABELS[code]} tiles of {tile_size} px, "
+                          f"fewer than the {count} asked for; ask for fewer or smaller tiles")
+    return pool[rng.permutation(len(pool))[:count]]
+
+
+def read_cohort_tiles(cohort: Cohort, picks: np.ndarray, size: int, mag: float) -> np.ndarray:
+    """uint8 (N, size, size, 3): the tiles ``picks`` (N, 3) rows (slide index, x, y) read at ``mag``,
+    each with the footprint of ``size`` px at ``mag`` (one slide opened once)."""
+    from mini_kd.slides import open_slide
+
+    ids = cohort.ids()
+    tiles = np.zeros((len(picks), size, size, 3), np.uint8)
+    for index in np.unique(picks[:, 0]):
+        rows = np.flatnonzero(picks[:, 0] == index)
+        with open_slide(cohort.slide_path(ids[index])) as slide:
+            tiles[rows] = slide.read_tiles(picks[rows, 1:3], size, mag)
+    return tiles
+
+
 def premise_check(cohort: Cohort, n_tiles: int = 400, tile_size: int = 128, seed: int = 0,
                   lr_mag: float = 1.25, min_fraction: float = 0.7) -> dict:
     """How well tumour and mimic tiles separate at 20x and at ``lr_mag``, from :func:`tile_statistics`.
@@ -581,34 +615,20 @@ def premise_check(cohort: Cohort, n_tiles: int = 400, tile_size: int = 128, seed
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from mini_kd.slides import open_slide
-
     rng = np.random.default_rng(seed)
-    picks = []  # (slide index, x, y, is_tumour)
-    for code in (MIMIC, TUMOUR):
-        pool = []
-        for index, slide_id in enumerate(cohort.ids()):
-            label_map, downsample = cohort.label_map(slide_id)
-            corners = _tile_candidates(label_map, code, tile_size // downsample, min_fraction)
-            pool.append(np.column_stack([np.full(len(corners), index), corners * downsample]))
-        pool = np.concatenate(pool)  # (M, 3)
-        chosen = pool[rng.permutation(len(pool))[: n_tiles // 2]]
-        picks.append(np.column_stack([chosen, np.full(len(chosen), code == TUMOUR)]))
-    picks = np.concatenate(picks)  # (N, 4)
+    picks = np.concatenate([
+        np.column_stack([class_tiles(cohort, code, n_tiles // 2, tile_size, rng, min_fraction),
+                         np.full(n_tiles // 2, code == TUMOUR)])
+        for code in (MIMIC, TUMOUR)
+    ])  # (N, 4) rows (slide index, x, y, is_tumour)
     groups, is_tumour = picks[:, 0], picks[:, 3]
     if min(np.unique(groups[is_tumour == k]).size for k in (0, 1)) < 2:
         raise MiniKDError("too few slides with tumour or mimic tiles for a held-out estimate; "
                           "use a cohort with more slides or a smaller tile_size")
 
-    ids = cohort.ids()
     lr_size = max(1, round(tile_size * lr_mag / MAGNIFICATION))
-    hr_features, lr_features = np.zeros((len(picks), 8)), np.zeros((len(picks), 8))
-    for index in np.unique(groups):
-        rows = np.flatnonzero(groups == index)
-        with open_slide(cohort.slide_path(ids[index])) as slide:
-            hr_features[rows] = tile_statistics(slide.read_tiles(picks[rows, 1:3], tile_size,
-                                                                 slide.magnification))
-            lr_features[rows] = tile_statistics(slide.read_tiles(picks[rows, 1:3], lr_size, lr_mag))
+    hr_features = tile_statistics(read_cohort_tiles(cohort, picks[:, :3], tile_size, MAGNIFICATION))
+    lr_features = tile_statistics(read_cohort_tiles(cohort, picks[:, :3], lr_size, lr_mag))
 
     n_splits = min(5, *(np.unique(groups[is_tumour == k]).size for k in (0, 1)))
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)

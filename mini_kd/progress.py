@@ -1,8 +1,13 @@
 """Progress bars for long loops: tqdm, silenced by ``MINI_KD_QUIET=1`` (the tests set it)."""
 
 import os
+import warnings
 
-from tqdm.auto import tqdm
+from tqdm import TqdmWarning
+
+with warnings.catch_warnings():  # in Jupyter without ipywidgets tqdm warns, then uses text bars
+    warnings.simplefilter("ignore", TqdmWarning)
+    from tqdm.auto import tqdm
 
 
 def quiet() -> bool:

@@ -130,3 +130,15 @@ def test_impossible_configurations_say_how_to_fix_them(tmp_path):
         make_cohort(tmp_path, difficulty=1.5)
     with pytest.raises(MiniKDError, match="labels.csv"):
         phantom.load_cohort(tmp_path / "nowhere")
+
+
+def test_class_tiles_are_mostly_of_their_class_and_too_many_is_an_error(cohort):
+    picks = phantom.class_tiles(cohort, TUMOUR, 12, 128, np.random.default_rng(0), min_fraction=0.7)
+    assert picks.shape == (12, 3) and picks.dtype == np.int64
+    for index, x, y in picks:
+        fractions = cohort.tile_fractions(cohort.ids()[index], [[x, y]], footprint=128)[0]
+        assert fractions[TUMOUR] >= 0.7
+    tiles = phantom.read_cohort_tiles(cohort, picks[:2], 8, 1.25)
+    assert tiles.shape == (2, 8, 8, 3) and tiles.dtype == np.uint8
+    with pytest.raises(MiniKDError, match="fewer than"):
+        phantom.class_tiles(cohort, TUMOUR, 10**6, 128, np.random.default_rng(0))
