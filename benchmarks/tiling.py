@@ -1,8 +1,10 @@
 """Tiles per second: mini_kd's reader against a plain tiffslide loop and openslide-python.
 
-All three read the same tissue tiles of the same slide into uint8 numpy arrays, at 20x (level 0)
-and at 5x (the 4x-down pyramid level). Each reader is warmed up once, then timed ``repeats`` times;
-the best run counts (the least disturbed by other work on a shared machine).
+All three read the same tiles of the same slide, of the size the MIL methods use in the preset into uint8 numpy arrays, at 20x (level 0) and at
+5x (the 4x-down pyramid level), from a slide they have already opened; the time to open the slide
+(mini_kd also parses the resolution and checks that the file is complete) is reported apart, as
+``open_ms``. Each reader is warmed up once, then timed ``repeats`` times; the best run counts (the
+least disturbed by other work on a shared machine).
 
     python benchmarks/tiling.py --preset smoke --out benchmarks/results/tiling.json
 """
@@ -19,7 +21,7 @@ import numpy as np
 import openslide
 import tiffslide
 
-from mini_kd.presets import cohort
+from mini_kd.presets import GEOMETRY, cohort
 from mini_kd.sample import sample_pyramid
 from mini_kd.slides import open_slide
 from mini_kd.tiling import tile_grid
@@ -31,53 +33,71 @@ PRESETS = {
 }
 
 
-def read_with_mini_kd(path, coords, size, mag):
-    with open_slide(path) as slide:
-        return slide.read_tiles(coords, size, mag)
+class MiniKD:
+    """mini_kd: ``Slide.read_tiles`` (level planned once per batch, one resample at most)."""
+
+    def __init__(self, path):
+        self.slide = open_slide(path)
+
+    def read(self, coords, size, mag, level):
+        return self.slide.read_tiles(coords, size, mag)
 
 
-def read_with_tiffslide_loop(path, coords, size, level):
-    with tiffslide.TiffSlide(path) as slide:
-        return np.stack([slide.read_region((int(x), int(y)), level, (size, size), as_array=True)
+class TiffslideLoop:
+    """A plain loop of tiffslide ``read_region`` calls at the matching level."""
+
+    def __init__(self, path):
+        self.slide = tiffslide.TiffSlide(path)
+
+    def read(self, coords, size, mag, level):
+        return np.stack([self.slide.read_region((int(x), int(y)), level, (size, size), as_array=True)
                          for x, y in coords])
 
 
-def read_with_openslide(path, coords, size, level):
-    slide = openslide.OpenSlide(str(path))
-    try:
-        return np.stack([np.asarray(slide.read_region((int(x), int(y)), level, (size, size)))[..., :3]
+class OpenSlide:
+    """openslide-python (the openslide-bin wheel): RGBA regions, alpha dropped."""
+
+    def __init__(self, path):
+        self.slide = openslide.OpenSlide(str(path))
+
+    def read(self, coords, size, mag, level):
+        return np.stack([np.asarray(self.slide.read_region((int(x), int(y)), level, (size, size)))[..., :3]
                          for x, y in coords])
-    finally:
-        slide.close()
 
 
-def tiles_per_second(readers: dict, n_tiles: int, repeats: int) -> dict:
-    """Best-of-``repeats`` tiles/s of each reader, the readers interleaved within every repeat so
-    that drift in the machine's load hits them all alike."""
-    for read in readers.values():
-        read()  # warm-up: file handles, caches, lazy imports
-    best = {name: float("inf") for name in readers}
+READERS = {"mini_kd": MiniKD, "tiffslide_loop": TiffslideLoop, "openslide": OpenSlide}
+
+
+def best_seconds(calls: dict, repeats: int) -> dict:
+    """Best-of-``repeats`` wall time of each call, the calls interleaved within every repeat so
+    that drift in the machine's load hits them all alike (after one warm-up call each)."""
+    for call in calls.values():
+        call()  # warm-up: file handles, caches, lazy imports
+    best = {name: float("inf") for name in calls}
     for _ in range(repeats):
-        for name, read in readers.items():
+        for name, call in calls.items():
             start = time.perf_counter()
-            read()
+            call()
             best[name] = min(best[name], time.perf_counter() - start)
-    return {name: n_tiles / seconds for name, seconds in best.items()}
+    return best
 
 
 def benchmark_slide(path, mag, size, max_tiles, repeats):
+    """tiles/s of reading the slide's tiles with each reader, the slide already open (as in a
+    feature-extraction loop, which opens a slide once), and the time each reader takes to open it."""
     with open_slide(path) as slide:
         grid = tile_grid(slide, mag, size, min_tissue=0.0)  # every whole tile: more to time
         level = slide.level_for(slide.downsample(mag))
     coords = grid.coords[:max_tiles]
-    speeds = tiles_per_second({
-        "mini_kd": lambda: read_with_mini_kd(path, coords, size, mag),
-        "tiffslide_loop": lambda: read_with_tiffslide_loop(path, coords, size, level),
-        "openslide": lambda: read_with_openslide(path, coords, size, level),
-    }, len(coords), repeats)
+    readers = {name: reader(path) for name, reader in READERS.items()}
+    reads = best_seconds({name: (lambda r=r: r.read(coords, size, mag, level))
+                          for name, r in readers.items()}, repeats)
+    opens = best_seconds({name: (lambda R=R: R(path)) for name, R in READERS.items()}, repeats)
+    speeds = {name: len(coords) / seconds for name, seconds in reads.items()}
     best_other = max(speeds["tiffslide_loop"], speeds["openslide"])
     return {"tiles": int(len(coords)), "mag": mag, "tile_size": size, "level": level,
             "tiles_per_s": {k: round(v, 1) for k, v in speeds.items()},
+            "open_ms": {k: round(1e3 * v, 2) for k, v in opens.items()},
             "mini_kd_vs_best_other": round(speeds["mini_kd"] / best_other, 3)}
 
 
@@ -91,7 +111,10 @@ def main(argv=None):
     slides = {"phantom": phantom.slide_path(phantom.ids()[0]), "sample_pyramid": sample_pyramid()}
     result = {"preset": args.preset, "machine": platform.machine(), "slides": {}}
     for kind, path in slides.items():
-        by_mag = {f"{mag:g}x": benchmark_slide(path, mag, 256, **settings) for mag in (20.0, 5.0)}
+        geometry = GEOMETRY[args.preset]  # the tiles the MIL methods read in this preset
+        by_mag = {f"{mag:g}x": benchmark_slide(path, mag, size, **settings)
+                  for mag, size in ((geometry["hr_mag"], geometry["hr_tile"]),
+                                    (geometry["lr_mag"], geometry["lr_tile"]))}
         # the headline numbers are the 20x reads (level 0), where most of the pixels are
         result["slides"][kind] = {"tiles": by_mag["20x"]["tiles"],
                                   "tiles_per_s": by_mag["20x"]["tiles_per_s"], **by_mag}

@@ -59,6 +59,18 @@ def test_read_outside_the_slide_is_white(slide_path):
         assert (tile[120:, :] == 255).all() and (tile[:, 120:] == 255).all()
 
 
+def test_read_tiles_equals_reading_tile_by_tile(slide_path):
+    rng = np.random.default_rng(0)
+    coords = np.concatenate([rng.integers(0, 2000, (40, 2)),  # scattered, unaligned
+                             [[1900, 1500], [0, 0], [2000, 1600], [128, 0], [256, 0]]])
+    with open_slide(slide_path) as slide:
+        for size, mag in [(128, 20), (64, 10), (32, 5), (8, 1.25), (48, 3)]:
+            batch = slide.read_tiles(coords, size, mag)
+            one_by_one = np.stack([slide.read(x, y, size, mag) for x, y in coords])
+            assert batch.shape == (len(coords), size, size, 3)
+            np.testing.assert_array_equal(batch, one_by_one)
+
+
 def test_thumbnail_covers_the_slide(slide_path):
     with open_slide(slide_path) as slide:
         thumbnail = slide.thumbnail(1.25)
