@@ -206,11 +206,20 @@ class TileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.grid)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def _open(self) -> Slide:
         if self._slide is None:
             self._slide = open_slide(self.slide_path, mpp=self.mpp, magnification=self.magnification)
+        return self._slide
+
+    def __getitem__(self, index: int) -> torch.Tensor:
         x, y = self.grid.coords[index]
-        return torch.from_numpy(self._slide.read(x, y, self.grid.tile_size, self.grid.mag))
+        return torch.from_numpy(self._open().read(x, y, self.grid.tile_size, self.grid.mag))
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        """A whole batch at once (the DataLoader calls this when it exists): one windowed
+        :meth:`~mini_kd.slides.Slide.read_tiles`, so neighbouring tiles share their decoding."""
+        tiles = self._open().read_tiles(self.grid.coords[indices], self.grid.tile_size, self.grid.mag)
+        return list(torch.from_numpy(tiles))
 
 
 def tile_loader(slide_path, grid: TileGrid, batch_size: int = 64, num_workers: int = 0,

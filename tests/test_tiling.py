@@ -2,12 +2,13 @@
 
 import numpy as np
 import pytest
+import torch
 
 from mini_kd import MiniKDError
 from mini_kd.pyramid import write_pyramid
 from mini_kd.slides import open_slide
 from mini_kd.tiling import (TileGrid, check_same_footprint, coarse_grid, same_footprint, tile_grid,
-                            tile_loader)
+                            TileDataset, tile_loader)
 from mini_kd.tissue import tissue_fraction, tissue_mask
 
 
@@ -129,11 +130,12 @@ def test_coarse_grid_refuses_an_offset_lattice():
 def test_loader_reads_batches_in_grid_order(slide_path):
     with open_slide(slide_path) as slide:
         grid = tile_grid(slide, mag=20, tile_size=256)
-        expected = slide.read_tiles(grid.coords[:3], 256, 20)
+        expected = np.stack([slide.read(x, y, 256, 20) for x, y in grid.coords])
     batches = list(tile_loader(slide_path, grid, batch_size=5))
     assert [len(b) for b in batches] == [5, 5, 5, 1]
-    assert batches[0].dtype.is_floating_point is False and batches[0].shape == (5, 256, 256, 3)
-    np.testing.assert_array_equal(batches[0][:3].numpy(), expected)
+    assert batches[0].dtype == torch.uint8 and batches[0].shape == (5, 256, 256, 3)
+    np.testing.assert_array_equal(torch.cat(batches).numpy(), expected)
+    assert torch.equal(TileDataset(slide_path, grid)[7], torch.from_numpy(expected[7]))
 
 
 def test_cli_tile_writes_a_grid(slide_path, tmp_path):
@@ -142,3 +144,16 @@ def test_cli_tile_writes_a_grid(slide_path, tmp_path):
     out = tmp_path / "grid.h5"
     assert main(["tile", str(slide_path), "--mag", "20", "--tile-size", "256", "--out", str(out)]) == 0
     assert len(TileGrid.load(out)) == 16
+
+
+def test_loader_reads_whole_batches_not_tile_by_tile(slide_path, monkeypatch):
+    from mini_kd.slides import Slide
+
+    with open_slide(slide_path) as slide:
+        grid = tile_grid(slide, mag=20, tile_size=128)
+
+    def one_tile(*args, **kwargs):
+        raise AssertionError("the loader read a single tile")
+
+    monkeypatch.setattr(Slide, "read", one_tile)
+    assert sum(len(b) for b in tile_loader(slide_path, grid, batch_size=16)) == len(grid)
