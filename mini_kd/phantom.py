@@ -424,19 +424,35 @@ def render_slide(slide_path, mask_path, seed: int, index: int, is_tumour: bool,
 
 @dataclass
 class Cohort:
-    """A folder of phantom slides, their label maps and ``labels.csv``."""
+    """A folder of slides (``slides/``), ``labels.csv`` and, for a phantom, label maps (``masks/``).
+
+    Public cohorts downloaded by ``data_scripts/`` use the same layout without ``masks/``.
+    """
 
     root: Path
     slides: list[dict]  # rows of labels.csv: slide_id, label (0 normal / 1 tumour), split
 
     def slide_path(self, slide_id: str) -> Path:
-        return self.root / "slides" / f"{slide_id}.svs"
+        """``slides/{slide_id}.svs``, or the one ``slides/{slide_id}.*`` of a public cohort
+        (CAMELYON16 ships ``.tif``); a download still in progress (``.part``) does not count."""
+        path = self.root / "slides" / f"{slide_id}.svs"
+        if path.is_file():
+            return path
+        found = [p for p in sorted((self.root / "slides").glob(f"{slide_id}.*"))
+                 if p.suffix != ".part"]
+        return found[0] if found else path
+
+    @property
+    def has_label_maps(self) -> bool:
+        """True for a phantom cohort; a public cohort has slide labels but no tile-level truth."""
+        return (self.root / "masks").is_dir()
 
     def label_map(self, slide_id: str) -> tuple[np.ndarray, int]:
         """uint8 (H, W) codes of :data:`LABELS` and the map's downsample versus level 0."""
         path = self.root / "masks" / f"{slide_id}.png"
         if not path.is_file():
-            raise MiniKDError(f"no label map at {path}; regenerate the cohort with make_cohort")
+            raise MiniKDError(f"no label map at {path}: only phantom cohorts have one "
+                              "(regenerate it with make_cohort)")
         return np.asarray(Image.open(path)), MASK_DOWNSAMPLE
 
     def tile_fractions(self, slide_id: str, coords, footprint: int) -> np.ndarray:
@@ -508,16 +524,30 @@ def make_cohort(root, n_slides: int = 24, seed: int = 0, difficulty: float = 0.5
 
 
 def load_cohort(root) -> Cohort:
-    """The cohort in ``root`` (as written by :func:`make_cohort`)."""
+    """The cohort in ``root``: written by :func:`make_cohort`, or a public cohort downloaded by
+    ``data_scripts/`` (same layout). Every slide of ``labels.csv`` must be in ``slides/``."""
     root = Path(root)
     path = root / "labels.csv"
     if not path.is_file():
-        raise MiniKDError(f"no labels.csv in {root}; generate the cohort with make_cohort "
-                          "(or `mini-kd phantom`)")
-    with open(path, newline="") as file:
-        slides = [dict(slide_id=row["slide_id"], label=int(row["label"]), split=row["split"])
-                  for row in csv.DictReader(file)]
-    return Cohort(root, slides)
+        raise MiniKDError(f"no labels.csv in {root}; generate a cohort with make_cohort "
+                          "(or `mini-kd phantom`) or download one with data_scripts/")
+    cohort = Cohort(root, _read_labels(root))
+    missing = _missing_slides(cohort)
+    if missing:
+        raise MiniKDError(f"{len(missing)} slides of {path} are missing from {root / 'slides'} "
+                          f"(e.g. {missing[0]}); run the download script again (it resumes) or "
+                          "regenerate the phantom cohort")
+    return cohort
+
+
+def _missing_slides(cohort: Cohort) -> list[str]:
+    return [slide_id for slide_id in cohort.ids() if not cohort.slide_path(slide_id).is_file()]
+
+
+def _read_labels(root: Path) -> list[dict]:
+    with open(root / "labels.csv", newline="") as file:
+        return [dict(slide_id=row["slide_id"], label=int(row["label"]), split=row["split"])
+                for row in csv.DictReader(file)]
 
 
 def ensure_cohort(root, **config) -> Cohort:
@@ -527,9 +557,8 @@ def ensure_cohort(root, **config) -> Cohort:
     wanted = _config(**{**defaults, **config})
     marker = root / "cohort.json"
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
-        cohort = load_cohort(root)
-        if all(cohort.slide_path(s).is_file() for s in cohort.ids()):
-            return cohort
+        if not _missing_slides(Cohort(root, _read_labels(root))):
+            return load_cohort(root)
     return make_cohort(root, **{**defaults, **config})
 
 

@@ -6,10 +6,13 @@
 - ``gpu``: a large phantom (or a public cohort, see the README) on one GPU.
 
 All notebooks of one preset share one phantom cohort, generated once and cached under
-``$MINI_KD_DATA/phantom/<preset>``. Method-specific settings live next to each method.
+``$MINI_KD_DATA/phantom/<preset>``; with ``MINI_KD_COHORT=FOLDER`` the ``gpu`` preset runs on a
+public cohort instead (its figures of ground-truth tumour are then left out: there is none). Method-specific settings live next to each method.
 """
 
 from __future__ import annotations
+
+import os
 
 from mini_kd.errors import MiniKDError
 from mini_kd.paths import data_dir
@@ -40,8 +43,20 @@ def check_preset(preset: str) -> str:
     return preset
 
 
-def cohort(preset: str):
-    """The phantom cohort of ``preset`` (generated on first use, then loaded from the cache)."""
+def phantom_cohort(preset: str):
+    """The phantom cohort of ``preset``, generated on first use, then loaded from the cache."""
     from mini_kd.phantom import ensure_cohort
 
     return ensure_cohort(data_dir() / "phantom" / check_preset(preset), **COHORTS[preset])
+
+
+def cohort(preset: str):
+    """The cohort the notebooks run on: :func:`phantom_cohort`, or, for ``gpu`` with
+    ``MINI_KD_COHORT`` set, the public cohort in that folder (``slides/`` + ``labels.csv``, as
+    ``data_scripts/`` download them)."""
+    from mini_kd.phantom import load_cohort
+
+    public = os.environ.get("MINI_KD_COHORT")
+    if public and check_preset(preset) == "gpu":
+        return load_cohort(public)
+    return phantom_cohort(preset)

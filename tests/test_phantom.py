@@ -142,3 +142,25 @@ def test_class_tiles_are_mostly_of_their_class_and_too_many_is_an_error(cohort):
     assert tiles.shape == (2, 8, 8, 3) and tiles.dtype == np.uint8
     with pytest.raises(MiniKDError, match="fewer than"):
         phantom.class_tiles(cohort, TUMOUR, 10**6, 128, np.random.default_rng(0))
+
+
+def test_a_public_cohort_folder_loads_for_the_gpu_preset(cohort, tmp_path, monkeypatch):
+    from mini_kd.presets import cohort as preset_cohort
+
+    public = tmp_path / "camelyon16"
+    (public / "slides").mkdir(parents=True)
+    first, second = cohort.ids()[:2]
+    (public / "slides" / "tumor_001.tif").write_bytes(cohort.slide_path(first).read_bytes())
+    (public / "slides" / "normal_001.tif.part").write_bytes(b"half a download")
+    (public / "labels.csv").write_text("slide_id,label,split\ntumor_001,1,train\nnormal_001,0,test\n")
+    monkeypatch.setenv("MINI_KD_COHORT", str(public))
+    with pytest.raises(MiniKDError, match="missing from .*normal_001.*resumes"):
+        preset_cohort("gpu")
+    (public / "slides" / "normal_001.svs").write_bytes(cohort.slide_path(second).read_bytes())
+    cases = preset_cohort("gpu")
+    assert cases.slide_path("tumor_001").name == "tumor_001.tif"
+    assert cases.slide_path("normal_001").name == "normal_001.svs"
+    assert cases.labels(["tumor_001", "normal_001"]).tolist() == [1, 0]
+    assert cohort.has_label_maps and not cases.has_label_maps
+    with pytest.raises(MiniKDError, match="only phantom cohorts"):
+        cases.label_map("tumor_001")
