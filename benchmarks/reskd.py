@@ -27,21 +27,6 @@ import torch
 from mini_kd.methods import reskd
 
 
-def targets(results: dict) -> dict:
-    """The issue's two targets, evaluated on ``results``."""
-    teacher = results["teacher"]["accuracy"]
-    by_factor = {row["factor"]: row for row in results["students"]}
-    x8 = by_factor.get(8)
-    return {
-        "x8_flop_reduction": x8 and x8["flop_reduction"],
-        "x8_at_least_64x_fewer_flops": bool(x8 and x8["flop_reduction"] >= 64),
-        "x8_gap_to_teacher": x8 and teacher - x8["kd_accuracy"],
-        "x8_within_2_points_of_teacher": bool(x8 and teacher - x8["kd_accuracy"] <= 0.02),
-        "kd_at_or_above_ce": {row["factor"]: row["kd_accuracy"] >= row["ce_accuracy"]
-                              for row in results["students"]},
-    }
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=reskd.PRESETS, default="smoke")
@@ -49,7 +34,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     start = time.perf_counter()
     results = reskd.run_experiment(reskd.config_for(args.preset))
-    results["targets"] = targets(results)
+    results["targets"] = reskd.check_targets(results)
     results["wall_seconds"] = time.perf_counter() - start
     results["machine"] = {"platform": platform.platform(), "threads": torch.get_num_threads(),
                           "cuda": torch.cuda.is_available()}
