@@ -1,0 +1,516 @@
+"""AHDMIL: the Gumbel-sigmoid mask, the student's per-class weights, L_SD and L_AD on hand-computed
+values, cross-EMA, the 1:1 crop geometry, the nothing-kept fallback, DMIN in eval mode while it
+makes DB-LIPN's targets, seeds, and `mini-kd predict ahdmil` reading only the kept 20x tiles."""
+
+import csv
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mini_kd import MiniKDError
+from mini_kd.cli import main as cli_main
+from mini_kd.data import downsample_views, to_tensor
+from mini_kd.encoders import build_encoder
+from mini_kd.methods import ahdmil
+from mini_kd.phantom import render_slide
+from mini_kd.presets import GEOMETRY, PRESETS
+from mini_kd.slides import Slide, open_slide
+from mini_kd.tiling import same_footprint, tile_grid
+
+TINY = dict(widths=(8, 8, 8, 8), groups=4)  # a tiny_resnet_gn: 8-d embeddings, fast on a CPU
+TINY_GEOMETRY = dict(hr_mag=20.0, hr_tile=64, screen_mag=1.25, screen_tile=4)
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+# -- the mask: Gumbel-sigmoid with a straight-through estimator ------------------------------------
+def test_gumbel_sigmoid_is_exactly_0_or_1_forward_with_the_soft_gradient():
+    S = torch.tensor([[2.0, -1.0], [0.1, -0.3]], requires_grad=True)
+    noise = torch.tensor([[-2.5, 0.5], [0.0, 0.4]])
+    m = ahdmil.gumbel_sigmoid(S, tau=0.7, noise=noise)
+    # (S + noise) / τ = [[-0.714, -0.714], [0.143, 0.143]]
+    assert m.tolist() == [[0.0, 0.0], [1.0, 1.0]]
+    m.sum().backward()
+    y = torch.sigmoid((S.detach() + noise) / 0.7)
+    torch.testing.assert_close(S.grad, y * (1 - y) / 0.7)  # ∂y_soft/∂S
+    assert S.grad[0, 0].item() == pytest.approx(sigmoid(-0.5 / 0.7) * (1 - sigmoid(-0.5 / 0.7)) / 0.7)
+
+
+def test_gumbel_sigmoid_at_eval_is_the_threshold_at_zero_without_gradient():
+    S = torch.tensor([[2.0, -1.0], [0.0, 1e-3]], requires_grad=True)
+    m = ahdmil.gumbel_sigmoid(S, training=False)
+    assert m.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert not m.requires_grad
+
+
+@pytest.mark.parametrize("tau", [0.7, 2.0])
+def test_gumbel_sigmoid_keeps_a_tile_with_probability_sigmoid_of_its_logit(tau):
+    torch.manual_seed(0)
+    S = torch.tensor([-1.0, 0.0, 2.0]).repeat(40_000, 1)  # (40000, 3)
+    frequency = ahdmil.gumbel_sigmoid(S, tau=tau).mean(dim=0)
+    expected = torch.tensor([sigmoid(-1.0), 0.5, sigmoid(2.0)])
+    torch.testing.assert_close(frequency, expected, atol=0.01, rtol=0)
+
+
+def test_keep_rate_is_the_union_over_classes_with_a_straight_through_gradient():
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    rho = ahdmil.keep_rate(mask)
+    assert rho.item() == pytest.approx(3 / 4)  # rows 0, 1, 3; row 1 counts once
+    rho.backward()
+    torch.testing.assert_close(mask.grad, torch.full((4, 2), 1 / 4))  # through Σ_c m_{n,c}
+
+
+# -- the student's weights: a masked softmax per class ---------------------------------------------
+def test_student_weights_are_a_softmax_over_each_classs_kept_tiles():
+    S = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.5, 1.0]])
+    m = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    beta = ahdmil.student_weights(S, m)
+    e = math.exp
+    expected = torch.tensor([[e(1) / (e(1) + e(3)), e(2) / (e(2) + e(1))],
+                             [e(3) / (e(1) + e(3)), 0.0],
+                             [0.0, e(1) / (e(2) + e(1))]])
+    torch.testing.assert_close(beta, expected)
+
+
+def test_student_weights_of_an_all_masked_class_are_zero_and_a_single_kept_tile_gets_one():
+    S = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.5, 1.0]], requires_grad=True)
+    m = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]], requires_grad=True)
+    beta = ahdmil.student_weights(S, m)
+    assert beta.tolist() == [[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
+    (beta * torch.randn(3, 2)).sum().backward()
+    assert torch.isfinite(S.grad).all() and torch.isfinite(m.grad).all()
+
+
+def test_student_weights_are_finite_for_huge_logits_and_reach_unkept_tiles_mask_entries():
+    # the kept tile's α underflows to 0 next to a logit of 1e4: no overflow, no 0/0
+    S = torch.tensor([[-1e4], [1e4], [0.0]], requires_grad=True)
+    m = torch.tensor([[1.0], [0.0], [1.0]], requires_grad=True)
+    beta = ahdmil.student_weights(S, m)
+    torch.testing.assert_close(beta, torch.tensor([[0.0], [0.0], [1.0]]))
+    (beta * torch.tensor([[1.0], [2.0], [3.0]])).sum().backward()
+    assert torch.isfinite(S.grad).all() and torch.isfinite(m.grad).all()
+    S = torch.tensor([[-1e4], [1e4]])  # now only the underflowing tile is kept
+    m = torch.tensor([[1.0], [0.0]], requires_grad=True)
+    beta = ahdmil.student_weights(S, m)
+    assert beta.tolist() == [[1.0], [0.0]]
+    # moderate logits: the straight-through estimator needs ∂β/∂m where m = 0
+    S = torch.tensor([[0.0], [1.0]])
+    m = torch.tensor([[1.0], [0.0]], requires_grad=True)
+    ahdmil.student_weights(S, m)[0, 0].backward()
+    alpha = torch.softmax(S, dim=0)
+    assert m.grad[1, 0].item() == pytest.approx(-alpha[1, 0].item() / alpha[0, 0].item())
+
+
+def test_dmin_classify_pools_each_class_over_its_own_kept_tiles():
+    torch.manual_seed(0)
+    dmin = ahdmil.DMIN(6, n_classes=2, hidden=8, attention_hidden=4, degree=3).eval()
+    X = torch.randn(5, 6)
+    keep = torch.tensor([[True, False], [False, True], [True, False], [False, False], [True, False]])
+    with torch.no_grad():
+        H, S = dmin.embed(X)
+        z1 = H[1]  # class 1 keeps one tile: it gets all the weight
+        torch.testing.assert_close(dmin.classify(X, keep)[1], dmin.classifiers.heads[1](z1)[0])
+        rows = keep.any(dim=1)  # attention is per tile: scoring only the kept tiles is the same
+        torch.testing.assert_close(dmin.classify(X, keep), dmin.classify(X[rows], keep[rows]))
+        alpha0 = torch.softmax(S[[0, 2, 4], 0], dim=0)
+        torch.testing.assert_close(dmin.classify(X, keep)[0],
+                                   dmin.classifiers.heads[0](alpha0 @ H[[0, 2, 4]])[0])
+
+
+# -- the losses on hand-made tensors ---------------------------------------------------------------
+def hand_made_output(**changes):
+    out = ahdmil.DMINOutput(
+        teacher_logits=torch.tensor([0.0, math.log(3.0)], requires_grad=True),  # p_T = (1/4, 3/4)
+        student_logits=torch.tensor([0.0, 0.0], requires_grad=True),            # p_S = (1/2, 1/2)
+        S=torch.zeros(4, 2), mask=torch.zeros(4, 2),
+        keep_rate=torch.tensor(0.5),
+        Z_teacher=torch.ones(2, 3), Z_student=torch.zeros(2, 3, requires_grad=True),
+        H=torch.zeros(4, 3))
+    return out._replace(**changes)
+
+
+def test_sd_loss_is_the_weighted_sum_of_its_five_terms():
+    out = hand_made_output()
+    config = ahdmil.AHDMILConfig(mask_ratio=0.6)
+    loss, terms = ahdmil.L_SD(out, torch.tensor(1), torch.tensor(0.2), config)
+    ce = -math.log(0.75)
+    kl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)  # KL(teacher ‖ student)
+    mse, rate = 1.0, (0.5 - 0.6) ** 2
+    assert terms["ce"] == pytest.approx(ce) and terms["kl"] == pytest.approx(kl)
+    assert terms["feat"] == pytest.approx(mse) and terms["rate"] == pytest.approx(rate)
+    assert loss.item() == pytest.approx(0.7 * ce + 0.3 * 0.2 + 0.5 * kl + 0.5 * mse + 2 * rate)
+    loss.backward()  # nothing is detached: both paths learn from the KL and the feature term
+    assert out.teacher_logits.grad.abs().sum() > 0 and out.student_logits.grad.abs().sum() > 0
+    torch.testing.assert_close(out.Z_student.grad, torch.full((2, 3), 0.5 * 2 * (0 - 1) / 6))
+
+
+def test_sd_loss_pulls_the_keep_rate_towards_mask_ratio_the_fraction_kept():
+    config = ahdmil.AHDMILConfig(mask_ratio=0.6)
+    rho = torch.tensor(0.2, requires_grad=True)
+    loss, _ = ahdmil.L_SD(hand_made_output(keep_rate=rho), torch.tensor(1), torch.tensor(0.0), config)
+    loss.backward()
+    assert rho.grad.item() == pytest.approx(2 * 2 * (0.2 - 0.6))  # negative: keep more
+
+
+P = [[2.0, -1.0], [-3.0, 0.5], [-1.0, -2.0]]  # one branch's logits: q = [[1, 0], [0, 1], [0, 0]]
+
+
+def test_hard_ad_loss_is_the_l1_of_binarised_predictions_plus_the_rate_mse():
+    p = torch.tensor(P, requires_grad=True)
+    M = torch.tensor([[1, 0], [1, 0], [0, 0]])
+    loss = ahdmil.L_AD_hard(p, M)  # |q − M| = [[0, 0], [1, 1], [0, 0]], ρ(q) = ρ(M) = 2/3
+    assert loss.item() == pytest.approx(2 / 6)
+    loss.backward()  # straight through: sign(q − M) / 6 · sigm'(p)
+    d = lambda x: sigmoid(x) * (1 - sigmoid(x))  # noqa: E731
+    expected = torch.tensor([[0.0, 0.0], [-d(-3.0) / 6, d(0.5) / 6], [0.0, 0.0]])
+    torch.testing.assert_close(p.grad, expected)
+    M = torch.tensor([[1, 0], [0, 0], [0, 0]])  # ρ(M) = 1/3
+    assert ahdmil.L_AD_hard(torch.tensor(P), M).item() == pytest.approx(1 / 6 + (2 / 3 - 1 / 3) ** 2)
+
+
+def test_soft_ad_loss_regresses_dmins_logits_plus_the_rate_mse():
+    p = torch.tensor(P)
+    S = torch.tensor([[1.5, -0.5], [0.5, 1.0], [-2.0, -1.0]])  # 1[S > 0] keeps rows 0, 1
+    assert ahdmil.L_AD_soft(p, S).item() == pytest.approx(7 / 6)  # |p − S| sums to 7
+    S = torch.tensor([[1.5, -0.5], [-0.5, -1.0], [-2.0, -1.0]])  # keeps row 0 only; |p − S|: 7
+    assert ahdmil.L_AD_soft(p, S).item() == pytest.approx(7 / 6 + (2 / 3 - 1 / 3) ** 2)
+
+
+def test_ad_loss_averages_the_branches_and_never_trains_the_teacher():
+    p = torch.stack([torch.tensor(P), -torch.tensor(P)]).requires_grad_(True)  # (B=2, N, C)
+    S = torch.tensor([[1.5, -0.5], [0.5, 1.0], [-2.0, -1.0]], requires_grad=True)
+    for soft, branch_loss in ((False, ahdmil.L_AD_hard), (True, ahdmil.L_AD_soft)):
+        target = S if soft else S > 0
+        loss = ahdmil.L_AD(p, S, soft)
+        expected = (branch_loss(p[0], target) + branch_loss(p[1], target)) / 2
+        assert loss.item() == pytest.approx(expected.item())
+        loss.backward()
+    assert S.grad is None and p.grad.abs().sum() > 0
+
+
+# -- cross-EMA between the branches ----------------------------------------------------------------
+def branches_with(*values):
+    branches = nn.ModuleList(nn.Linear(1, 1) for _ in values)
+    with torch.no_grad():
+        for branch, (w, b) in zip(branches, values):
+            branch.weight.fill_(w)
+            branch.bias.fill_(b)
+    return branches
+
+
+def test_cross_ema_mixes_each_branch_with_the_mean_of_the_others_before_the_update():
+    branches = branches_with((0.0, 1.0), (1.0, 3.0))
+    ahdmil.cross_ema(branches, 0.5)
+    # from pre-update copies: both become the midpoint (updated copies would give 0.75 for b = 1)
+    assert [(b.weight.item(), b.bias.item()) for b in branches] == [(0.5, 2.0), (0.5, 2.0)]
+    branches = branches_with((0.0, 0.0), (3.0, 6.0), (6.0, 3.0))
+    ahdmil.cross_ema(branches, 0.2)
+    weights = [b.weight.item() for b in branches]
+    assert weights == pytest.approx([0.8 * 0 + 0.2 * 4.5, 0.8 * 3 + 0.2 * 3.0, 0.8 * 6 + 0.2 * 1.5])
+
+
+def test_cross_ema_with_lambda_zero_or_one_branch_changes_nothing():
+    branches = branches_with((0.0, 1.0), (1.0, 3.0))
+    ahdmil.cross_ema(branches, 0.0)
+    assert [b.weight.item() for b in branches] == [0.0, 1.0]
+    single = branches_with((2.0, 2.0))
+    ahdmil.cross_ema(single, 0.2)
+    assert single[0].weight.item() == 2.0
+
+
+# -- DB-LIPN and the 1:1 geometry ------------------------------------------------------------------
+def test_lipn_branch_keeps_the_papers_map_sizes_on_16_and_8_px_crops():
+    assert ahdmil.stride_schedule(16) == (2, 2, 2, 2, 2)
+    assert ahdmil.stride_schedule(8) == (1, 2, 2, 2, 2)
+    for crop in (16, 8):
+        branch = ahdmil.LIPNBranch(2, crop, norm="batch")
+        assert sum(p.numel() for p in branch.parameters()) == 33_898  # "about 34 k"
+        sizes, x = [], torch.zeros(3, 3, crop, crop)
+        for layer in branch.features:
+            x = layer(x)
+            sizes.append(x.shape[-1])
+        assert sizes == [8, 4, 4, 2, 2, 1, 1, 1, 1]
+    lipn = ahdmil.DBLIPN(2, crop_size=8, num_branches=2)
+    crops = torch.zeros(5, 3, 8, 8)
+    assert lipn(crops).shape == (2, 5, 2) and lipn.fused(crops).shape == (5, 2)
+
+
+def test_every_preset_reads_one_screen_crop_per_20x_tile_with_the_same_footprint():
+    for preset in PRESETS:
+        g = GEOMETRY[preset]
+        assert g["hr_tile"] * g["screen_mag"] / g["hr_mag"] == g["screen_tile"]  # 256 -> 16, 128 -> 8
+
+
+@pytest.fixture(scope="module")
+def tiny_slides(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ahdmil_slides")
+    slides = folder / "slides"
+    slides.mkdir()
+    for index in range(2):
+        render_slide(slides / f"tiny_{index}.svs", folder / f"tiny_{index}.png", seed=3,
+                     index=index, is_tumour=bool(index), difficulty=0.5, slide_size=512)
+    return slides
+
+
+def test_screen_crops_cover_the_same_tissue_as_their_20x_tiles(tiny_slides):
+    with open_slide(tiny_slides / "tiny_1.svs") as slide:
+        grid = tile_grid(slide, 20.0, 64)
+        lr_grid = same_footprint(grid, 1.25)
+        crops = ahdmil.read_screen_crops(slide, lr_grid)
+        assert lr_grid.tile_size == 4 and np.array_equal(lr_grid.coords, grid.coords)
+        np.testing.assert_array_equal(crops, slide.read_tiles(lr_grid.coords, 4, 1.25))
+        shrunk = downsample_views(slide.read_tiles(grid.coords, 64, 20.0), 16)  # (N, 4, 4, 3)
+    distance = np.abs(crops[:, None].astype(float) - shrunk[None].astype(float)).mean(axis=(2, 3, 4))
+    assert (distance.argmin(axis=1) == np.arange(len(grid))).all()  # crop n looks like tile n
+
+
+def test_cut_crops_pads_with_white_beyond_the_image():
+    image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    crops = ahdmil.cut_crops(image, np.array([[0, 0], [2, 2], [3, 0]]), 2)
+    np.testing.assert_array_equal(crops[1], image[2:4, 2:4])
+    np.testing.assert_array_equal(crops[2][:, 0], image[0:2, 3])
+    assert (crops[2][:, 1] == 255).all()
+
+
+# -- the nothing-kept fallback ---------------------------------------------------------------------
+def test_keep_mask_keeps_the_best_tile_of_a_class_that_keeps_nothing():
+    scores = torch.tensor([[-1.0, 2.0], [-0.5, -1.0], [-3.0, 0.5]])
+    assert ahdmil.keep_mask(scores).tolist() == [[False, True], [True, False], [False, True]]
+    assert ahdmil.keep_mask(scores, min_keep=2)[:, 0].tolist() == [True, True, False]
+    assert not ahdmil.keep_mask(scores, min_keep=0)[:, 0].any()
+
+
+def silent_lipn(n_classes=2, crop_size=4):
+    """A DB-LIPN whose every logit is −10: nothing is kept without the fallback."""
+    lipn = ahdmil.DBLIPN(n_classes, crop_size)
+    with torch.no_grad():
+        for branch in lipn.branches:
+            branch.classifier.weight.zero_()
+            branch.classifier.bias.fill_(-10.0)
+    return lipn
+
+
+def test_a_slide_where_db_lipn_keeps_nothing_still_trains_and_classifies():
+    torch.manual_seed(0)
+    dmin = ahdmil.DMIN(6, hidden=8, attention_hidden=4, degree=3)
+    model = ahdmil.AHDMIL(dmin, silent_lipn())
+    crops = torch.randn(7, 3, 4, 4)
+    keep = model.screen(crops)
+    assert keep.sum(dim=0).tolist() == [1, 1]  # one tile per class, the best-scored
+    batch = {"features": torch.randn(7, 6), "crops": crops, "label": torch.tensor(1)}
+    loss, metrics = ahdmil.finetune_step(model, batch)
+    assert torch.isfinite(loss) and 0 < metrics["keep_rate"] <= 2 / 7
+    loss.backward()
+    logits, _ = model.eval()(batch["features"], crops)
+    assert torch.isfinite(logits).all()
+    with torch.no_grad():  # without the fallback a class pools over nothing: z = 0, still finite
+        assert torch.isfinite(dmin.classify(batch["features"], torch.zeros(7, 2, dtype=torch.bool))).all()
+
+
+# -- the training steps ----------------------------------------------------------------------------
+def tiny_bags(n_slides=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bags = []
+    for i in range(n_slides):
+        n = 5 + i
+        features = torch.randn(n, 6, generator=g) + (i % 2)  # label 1 slides are brighter
+        bags.append(ahdmil.Bag(f"s{i}", features, torch.randn(n, 3, 4, 4, generator=g), i % 2,
+                               np.arange(n) < (i % 2) * 2))
+    return bags
+
+
+def tiny_config(**overrides):
+    base = dict(preset="smoke", hidden=8, attention_hidden=4, degree=3, k_sample=2, epochs=2,
+                min_epochs=1, patience=None, step2_epochs=2, step2_patience=None, lipn_lr=1e-2,
+                dmin_lr=1e-3, abmil_hidden=4, abmil_epochs=2, keep_bounds=(0.0, 1.0))
+    return ahdmil.AHDMILConfig(**{**base, **overrides})
+
+
+def test_dmin_makes_db_lipn_targets_in_eval_mode_and_goes_back_to_training():
+    torch.manual_seed(0)
+    model = ahdmil.AHDMIL(ahdmil.DMIN(6, hidden=8, attention_hidden=4, degree=3, dropout=0.9),
+                          ahdmil.DBLIPN(2, 4)).train()
+    seen = []
+    model.dmin.projection.register_forward_hook(lambda module, i, o: seen.append(module.training))
+    bag = tiny_bags()[1].item()
+    losses = [ahdmil.lipn_step(model, bag, tiny_config(attn_ratio=1.0))[0].item() for _ in range(2)]
+    assert seen == [False, False] and model.dmin.training and model.lipn.training
+    assert losses[0] == losses[1]  # dropout 0.9 left on would make the targets differ
+
+
+def test_lipn_step_skips_a_slide_whose_loss_is_not_finite():
+    model = ahdmil.AHDMIL(ahdmil.DMIN(6, hidden=8, attention_hidden=4, degree=3), ahdmil.DBLIPN(2, 4))
+    bag = tiny_bags()[1].item()
+    bag["crops"] = torch.full_like(bag["crops"], float("nan"))
+    assert ahdmil.lipn_step(model, bag, tiny_config()) is None
+
+
+def test_same_seed_gives_the_same_numbers_and_another_seed_does_not():
+    bags = tiny_bags()
+    train, val = bags[:4], bags[4:]
+
+    def run(seed):
+        config = tiny_config(seed=seed)
+        dmin, history1 = ahdmil.train_step1(train, val, config)
+        model, history2 = ahdmil.train_step2(dmin, train, val, config)
+        return model.state_dict(), history1.column("train_loss") + history2.column("train_loss")
+
+    (first, losses), (again, losses_again), (other, _) = run(0), run(0), run(1)
+    assert losses == losses_again
+    for name in first:
+        torch.testing.assert_close(first[name], again[name], rtol=0, atol=0)
+    assert any(not torch.equal(first[name], other[name]) for name in first)
+
+
+def test_step2_warns_and_keeps_the_last_weights_when_no_epoch_passes_the_keep_rate_gate():
+    bags = tiny_bags()
+    dmin, _ = ahdmil.train_step1(bags[:4], bags[4:], tiny_config())
+    with pytest.warns(UserWarning, match="keep rate"):
+        model, history = ahdmil.train_step2(dmin, bags[:4], bags[4:], tiny_config(keep_bounds=(2.0, 3.0)))
+    assert history.best_epoch is None and len(history.rows) == 2
+    assert not torch.equal(model.dmin.projection[0].weight, dmin.projection[0].weight)  # fine-tuned copy
+
+
+def test_score_bags_reports_keep_rate_and_the_recall_of_tumour_tiles_among_kept_ones():
+    bags = tiny_bags(4)  # slides 1 and 3 have 2 tumour tiles each (rows 0, 1)
+
+    def predict(bag):
+        kept = torch.zeros(len(bag.features), dtype=torch.bool)
+        kept[1] = True  # keeps one of the two tumour tiles
+        return torch.tensor([0.3, 0.7]) if bag.label else torch.tensor([0.6, 0.4]), kept
+
+    metrics = ahdmil.score_bags(bags, predict)
+    assert metrics["tumour_recall"] == pytest.approx(2 / 4)
+    assert metrics["keep_rate"] == pytest.approx(np.mean([1 / 5, 1 / 6, 1 / 7, 1 / 8]))
+    assert metrics["auc"] == 1.0 and metrics["accuracy"] == 1.0
+
+
+# -- inference from the slide file -----------------------------------------------------------------
+def tiny_encoder():
+    torch.manual_seed(0)
+    return build_encoder("tiny_resnet_gn", pretrained=False, **TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_slides, tmp_path_factory):
+    torch.manual_seed(0)
+    model = ahdmil.AHDMIL(ahdmil.DMIN(8, hidden=8, attention_hidden=4, degree=3),
+                          ahdmil.DBLIPN(2, crop_size=4))
+    path = ahdmil.save_checkpoint(tmp_path_factory.mktemp("ahdmil_ckpt") / "tiny.pt", model,
+                                  tiny_encoder(), tiny_config(encoder="tiny_resnet_gn"),
+                                  encoder_kwargs=TINY, geometry=TINY_GEOMETRY)
+    return path
+
+
+class ReadCounter:
+    """Records every tile read of :class:`~mini_kd.slides.Slide` and every tile encoded."""
+
+    def __init__(self, monkeypatch, encoder):
+        self.tiles, self.encoded = [], 0
+        read_tiles = Slide.read_tiles
+
+        def counting_read_tiles(slide, coords, size, mag):
+            self.tiles.append((mag, np.asarray(coords).copy()))
+            return read_tiles(slide, coords, size, mag)
+
+        def no_single_reads(*args, **kwargs):
+            raise AssertionError("a tile was read on its own")
+
+        monkeypatch.setattr(Slide, "read_tiles", counting_read_tiles)
+        monkeypatch.setattr(Slide, "read", no_single_reads)
+        encoder.register_forward_pre_hook(lambda module, args: self._count(args[0]))
+
+    def _count(self, x):
+        self.encoded += len(x)
+
+    def at(self, mag):
+        found = [coords for m, coords in self.tiles if m == mag]
+        return np.concatenate(found) if found else np.empty((0, 2), np.int64)
+
+
+def brightness_screen(crops):
+    """DB-LIPN stand-in: keep (for class 1) the tiles darker than the median, i.e. more tissue."""
+    darkness = -crops.mean(dim=(1, 2, 3))  # (N,)
+    logits = darkness - darkness.median()
+    return torch.stack([torch.full_like(logits, -1.0), logits], dim=1)  # (N, 2)
+
+
+def test_predict_reads_and_encodes_only_the_kept_20x_tiles(tiny_checkpoint, tiny_slides, monkeypatch):
+    predictor = ahdmil.load_predictor(tiny_checkpoint)
+    predictor.model.lipn.fused = brightness_screen
+    path = tiny_slides / "tiny_1.svs"
+    with open_slide(path) as slide:
+        grid = tile_grid(slide, 20.0, 64)
+        crops = ahdmil.read_screen_crops(slide, same_footprint(grid, 1.25))
+        kept = (brightness_screen(to_tensor(crops))[:, 1] > 0).numpy()
+        kept_tiles = slide.read_tiles(grid.coords[kept], 64, 20.0)
+    assert 0 < kept.sum() < len(grid)
+    counter = ReadCounter(monkeypatch, predictor.encoder)
+    result = predictor(path, details=True)
+    np.testing.assert_array_equal(counter.at(20.0), grid.coords[kept])  # each kept tile, once
+    assert counter.encoded == kept.sum() == result["tiles_read"]
+    assert result["keep_rate"] == pytest.approx(kept.mean()) and result["tiles"] == len(grid)
+    assert set(result["seconds"]) == {"tissue_grid", "read_lr", "db_lipn", "read_hr", "encode", "dmin"}
+    with torch.no_grad():
+        keep = torch.from_numpy(result["keep"][kept])
+        logits = predictor.model.dmin.classify(predictor.encoder(to_tensor(kept_tiles)), keep)
+    assert result["probability"] == pytest.approx(torch.softmax(logits, -1)[1].item(), abs=1e-6)
+
+
+def test_predict_without_the_screen_reads_every_tissue_tile(tiny_checkpoint, tiny_slides, monkeypatch):
+    predictor = ahdmil.load_predictor(tiny_checkpoint, screen=False)
+    counter = ReadCounter(monkeypatch, predictor.encoder)
+    result = predictor(tiny_slides / "tiny_1.svs")
+    with open_slide(tiny_slides / "tiny_1.svs") as slide:
+        grid = tile_grid(slide, 20.0, 64)
+    np.testing.assert_array_equal(counter.at(20.0), grid.coords)
+    assert result["keep_rate"] == 1.0 and counter.encoded == len(grid)
+    assert "db_lipn" not in result["seconds"]
+
+
+def test_predict_reads_only_the_fallback_tiles_when_db_lipn_keeps_nothing(tiny_checkpoint, tiny_slides,
+                                                                          monkeypatch):
+    predictor = ahdmil.load_predictor(tiny_checkpoint)
+    predictor.model.lipn = silent_lipn()
+    counter = ReadCounter(monkeypatch, predictor.encoder)
+    result = predictor(tiny_slides / "tiny_1.svs")
+    assert 1 <= result["tiles_read"] == counter.encoded == len(counter.at(20.0)) <= 2
+    assert 0.0 <= result["probability"] <= 1.0
+
+
+def test_cli_predicts_a_slide_and_a_folder_with_the_keep_rate(tiny_checkpoint, tiny_slides, tmp_path,
+                                                              capsys):
+    assert cli_main(["predict", "ahdmil", str(tiny_checkpoint), str(tiny_slides / "tiny_0.svs")]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny_0: label" in printed and "keep_rate" in printed and "read_hr" in printed
+    out = tmp_path / "predictions.csv"
+    assert cli_main(["predict", "ahdmil", str(tiny_checkpoint), str(tiny_slides), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [row["slide_id"] for row in rows] == ["tiny_0", "tiny_1"]
+    assert {"keep_rate", "tiles_read", "seconds_db_lipn", "seconds_read_hr", "seconds_encode"} <= set(rows[0])
+
+
+def test_load_predictor_refuses_a_missing_file_and_a_foreign_one(tmp_path):
+    with pytest.raises(MiniKDError, match="no AHDMIL checkpoint"):
+        ahdmil.load_predictor(tmp_path / "missing.pt")
+    torch.save({"model": {}}, tmp_path / "bogus.pt")
+    with pytest.raises(MiniKDError, match="not an AHDMIL checkpoint"):
+        ahdmil.load_predictor(tmp_path / "bogus.pt")
+
+
+def test_config_refuses_an_unknown_head_preset_or_norm():
+    with pytest.raises(MiniKDError, match="head"):
+        ahdmil.DMIN(6, head="mlp")
+    with pytest.raises(MiniKDError, match="preset"):
+        ahdmil.config_for("huge")
+    with pytest.raises(MiniKDError, match="norm"):
+        ahdmil.DBLIPN(norm="layer")
+    with pytest.raises(MiniKDError, match=r"\(N, 6\)"):
+        ahdmil.DMIN(6)(torch.zeros(1, 4, 6))
+    assert replace(ahdmil.config_for("book"), head="linear").mask_ratio == 0.6  # the paper's
