@@ -16,7 +16,7 @@ from mini_kd.encoders import build_encoder
 from mini_kd.methods import lrmil
 from mini_kd.phantom import make_cohort, render_slide
 from mini_kd.presets import PRESETS
-from mini_kd.slides import open_slide
+from mini_kd.slides import Slide, open_slide
 from mini_kd.tiling import TileGrid, tile_grid
 
 TINY = dict(widths=(8, 8, 8, 8), groups=4)  # a tiny_resnet_gn: 8-d embeddings, fast on a CPU
@@ -65,6 +65,21 @@ def test_link_grids_puts_each_hr_child_in_its_slot_and_marks_missing_children():
     assert [index[(32 + 8 * c, 8 * r)] for r in range(4) for c in range(2)] == edge[:, :2].ravel().tolist()
     assert (children[2] == -1).all()  # no HR tile under it
     assert sorted(children[children >= 0].tolist()) == list(range(len(hr_grid)))
+
+
+def test_teacher_attention_of_each_lr_tile_pools_its_linked_children_on_the_hand_made_grid():
+    hr_grid, lr_grid = hand_made_grids()
+    a = torch.tensor([float(x + 100 * y) for x, y in hr_grid.coords.tolist()])  # a_n from position
+    children = torch.from_numpy(lrmil.link_grids(hr_grid, lr_grid, k=4))[:2]  # drop the childless tile
+    full = [x + 100 * y for y in range(0, 32, 8) for x in range(0, 32, 8) if (x, y) != (8, 8)]  # 15
+    edge = [x + 100 * y for y in range(0, 32, 8) for x in (32, 40)]  # 8 children
+    torch.testing.assert_close(lrmil.teacher_guided_attention(a, children, "mean"),
+                               torch.tensor([sum(full) / 15, sum(edge) / 8]))
+    torch.testing.assert_close(lrmil.teacher_guided_attention(a, children, "max"),
+                               torch.tensor([float(max(full)), float(max(edge))]))
+    weights = lrmil.children_weights(a / 100, children)  # softmax over the present children only
+    assert (weights[0].reshape(4, 4)[1, 1] == 0) and (weights[1].reshape(4, 4)[:, 2:] == 0).all()
+    torch.testing.assert_close(weights.sum(1), torch.ones(2))
 
 
 def test_link_grids_refuses_an_lr_grid_that_is_not_k_times_coarser():
@@ -141,6 +156,12 @@ def test_stage1_loss_weighs_its_two_terms():
 
 
 # -- stage-2 losses ---------------------------------------------------------------------------------
+def test_pre_loss_is_the_cross_entropy_of_the_slide_label():
+    logits = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]])  # P(y) = 3/4, then 1/4
+    expected = (-math.log(0.75) - math.log(0.25)) / 2
+    torch.testing.assert_close(lrmil.pre_loss(logits, torch.tensor([1, 1])), torch.tensor(expected))
+
+
 def test_bag_kd_loss_on_hand_computed_values():
     z_s, z_t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
     expected_t1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
@@ -344,10 +365,35 @@ def test_predictor_reads_5x_tiles_only_and_matches_the_student_on_them(tiny_chec
     assert result["label"] == int(result["probability"] >= 0.5)
 
 
+def test_predictor_never_reads_a_20x_pixel_while_hr_abmil_does(tiny_checkpoint, monkeypatch):
+    checkpoint, slides = tiny_checkpoint
+    path = slides / "tiny_0.svs"
+    with open_slide(path) as slide:
+        level_5x, level_20x = slide.level_for(slide.downsample(5.0)), slide.level_for(slide.downsample(20.0))
+    assert (level_5x, level_20x) == (1, 0)
+    levels = []
+    read_level = Slide._read_level
+
+    def spy(self, x, y, level, width, height):
+        levels.append(level)
+        return read_level(self, x, y, level, width, height)
+
+    monkeypatch.setattr(Slide, "_read_level", spy)
+    predictor = lrmil.load_predictor(checkpoint)
+    predictor(path)
+    assert levels and level_20x not in levels and level_5x in levels
+    levels.clear()
+    hr_abmil = lrmil.SlidePredictor(predictor.encoder, predictor.mil, 20.0, 32, 0.5)
+    hr_abmil(path)
+    assert level_20x in levels  # the spy sees 20x reads when there are some
+
+
 def test_cli_predicts_a_slide_and_a_folder_to_csv(tiny_checkpoint, tmp_path, capsys):
     checkpoint, slides = tiny_checkpoint
     assert cli_main(["predict", "lrmil", str(checkpoint), str(slides / "tiny_0.svs")]) == 0
-    assert "tiny_0: label" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.startswith("tiny_0: label ") and ", probability 0." in printed
+    assert all(f" {stage} " in printed.split("seconds:")[1] for stage in ("tissue", "grid", "read", "encode", "MIL", "total"))
     out = tmp_path / "predictions.csv"
     assert cli_main(["predict", "lrmil", str(checkpoint), str(slides), "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))

@@ -81,6 +81,7 @@ from mini_kd.errors import MiniKDError
 from mini_kd.evaluate import StageTimer, classification_metrics, repeated_splits, summarize
 from mini_kd.kd import attention_kl_loss, soft_target_loss
 from mini_kd.mil import ABMIL, InstanceClassifier, masked_softmax, topk_instance_loss
+from mini_kd.phantom import TUMOUR
 from mini_kd.presets import GEOMETRY, check_preset
 from mini_kd.progress import progress
 from mini_kd.slides import open_slide
@@ -141,9 +142,9 @@ class LRMILConfig:
 
 # Settings of the experiment around the method, per preset (the geometry comes from presets).
 EXPERIMENTS = {
-    "smoke": dict(n_splits=2, timing_slides=2, sweep=dict(lambda_soft=(0.0, 1.0)),
-                  method=dict(mil_epochs=8, patience=4, stage1_tiles=24, stage1_epochs=1,
-                              stage1_batch=12)),
+    "smoke": dict(n_splits=2, timing_slides=1, sweep=dict(lambda_soft=(0.0, 1.0)),
+                  method=dict(mil_epochs=6, patience=4, stage1_tiles=16, stage1_epochs=1,
+                              stage1_batch=8)),
     "book": dict(n_splits=3, timing_slides=4,
                  sweep=dict(lambda_bag=(0.0, 1.0), lambda_soft=(0.0, 1.0), lambda_hard=(0.0, 0.5),
                             T_b=(1.0, 2.0), T_a=(1.0, 4.0)),
@@ -913,7 +914,8 @@ def _evaluate(model_name: str, split_index: int, labels: np.ndarray, probs: np.n
 
 
 def run_experiment(preset: str = "book", config: LRMILConfig | None = None, sweep: bool = True,
-                   timing: bool = True, checkpoint_path=None) -> Experiment:
+                   timing: bool = True, checkpoint_path=None,
+                   timing_slides: int | None = None) -> Experiment:
     """Every model of the comparison on the phantom cohort of ``preset``, over repeated splits.
 
     Per split (:func:`mini_kd.evaluate.repeated_splits`, stratified train/val/test): the HR
@@ -921,7 +923,7 @@ def run_experiment(preset: str = "book", config: LRMILConfig | None = None, swee
     LR ABMIL, stage 1 only, stage 2 only, LRMIL -- all scored on the split's test slides.
     On split 0 also: the stage-2 sweep on validation (``sweep``), the per-slide timing of HR
     ABMIL, LR ABMIL and LRMIL from the slide files (``timing``), an attention heatmap, and the
-    LRMIL checkpoint.
+    LRMIL checkpoint. ``timing_slides`` overrides the preset's number of timed test slides.
     """
     import time
 
@@ -982,7 +984,7 @@ def run_experiment(preset: str = "book", config: LRMILConfig | None = None, swee
                 "lrmil": SlidePredictor(lr_encoder, lrmil_student, config.lr_mag, config.lr_tile,
                                         config.min_tissue, device=config.device),
             }
-            test_ids = split["test"][:setting["timing_slides"]]
+            test_ids = split["test"][:timing_slides or setting["timing_slides"]]
             if timing:
                 experiment.timing = time_pipelines(cohort, test_ids, predictors)
             experiment.heatmap = _heatmap(cohort, split["test"], labels, predictors, teacher)
@@ -991,14 +993,18 @@ def run_experiment(preset: str = "book", config: LRMILConfig | None = None, swee
 
 
 def _heatmap(cohort, test_ids, labels: dict, predictors: dict, teacher: dict) -> dict:
-    """Attention of HR ABMIL, LR ABMIL and LRMIL on the test tumour slide with the most tumour."""
+    """Attention of HR ABMIL, LR ABMIL and LRMIL on the test tumour slide with the most tumour
+    (the first test tumour slide, and ``label_map`` None, for a cohort without label maps)."""
     tumour_ids = [s for s in test_ids if labels[s] == 1] or list(test_ids)
-    slide_id = max(tumour_ids, key=lambda s: (cohort.label_map(s)[0] == 3).sum())
+    if cohort.has_label_maps:
+        slide_id = max(tumour_ids, key=lambda s: (cohort.label_map(s)[0] == TUMOUR).sum())
+    else:
+        slide_id = tumour_ids[0]
     path = cohort.slide_path(slide_id)
     maps = {name: predictor(path, details=True) for name, predictor in predictors.items()}
     with open_slide(path) as slide:
         thumbnail = slide.thumbnail(MASK_MAG)
-    label_map, _ = cohort.label_map(slide_id)
+    label_map = cohort.label_map(slide_id)[0] if cohort.has_label_maps else None
     return {"slide_id": slide_id, "thumbnail": thumbnail, "thumb_mag": MASK_MAG,
             "label_map": label_map,
             "maps": {name: {"grid": out["grid"], "attention": out["attention"],
