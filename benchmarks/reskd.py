@@ -35,12 +35,14 @@ def main(argv=None):
     start = time.perf_counter()
     results = reskd.run_experiment(reskd.config_for(args.preset))
     results["targets"] = reskd.check_targets(results)
+    results["flop_reduction_by_region_size"] = reskd.flop_reductions()
     results["wall_seconds"] = time.perf_counter() - start
     results["machine"] = {"platform": platform.platform(), "threads": torch.get_num_threads(),
                           "cuda": torch.cuda.is_available()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    summary = {key: results[key] for key in ("teacher", "students", "unlabeled", "targets", "wall_seconds")}
+    summary = {key: results[key] for key in ("teacher", "students", "unlabeled", "targets",
+                                             "flop_reduction_by_region_size", "wall_seconds")}
     print(json.dumps(summary, indent=2))
 
 

@@ -307,6 +307,25 @@ def test_a_one_by_one_last_map_saves_less_than_n_squared():
     assert 16 < ratio < 16 ** 2
 
 
+def test_flop_reductions_skip_views_below_the_minimum_input():
+    rows = reskd.flop_reductions(region_sizes=(64, 256), factors=(2, 8, 16))
+    assert [(r["region_px"], r["factor"]) for r in rows] == [(64, 2), (64, 8), (256, 2), (256, 8), (256, 16)]
+    by = {(r["region_px"], r["factor"]): r["flop_reduction"] for r in rows}
+    assert by[(256, 8)] == pytest.approx(64, rel=0.01) and by[(64, 8)] < 64
+
+
+def test_check_targets_reads_the_x8_row_and_compares_kd_with_ce():
+    results = {"teacher": {"accuracy": 0.90},
+               "students": [{"factor": 4, "kd_accuracy": 0.85, "ce_accuracy": 0.86, "flop_reduction": 16.0},
+                            {"factor": 8, "kd_accuracy": 0.885, "ce_accuracy": 0.80, "flop_reduction": 63.9}]}
+    met = reskd.check_targets(results)
+    assert met["x8_at_least_64x_fewer_flops"] and met["x8_within_2_points_of_teacher"]
+    assert met["x8_gap_to_teacher"] == pytest.approx(0.015)
+    assert met["kd_at_or_above_ce"] == {4: False, 8: True}
+    results["students"][1]["flop_reduction"] = 41.7
+    assert not reskd.check_targets(results)["x8_at_least_64x_fewer_flops"]
+
+
 # -- the command line ------------------------------------------------------------------------------
 def test_predict_classifies_a_phantom_slide_from_the_command_line(cohort, tmp_path, capsys):
     from mini_kd import cli
