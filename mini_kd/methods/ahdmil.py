@@ -91,6 +91,9 @@ branches are mixed by cross-EMA, θ_b ← (1 − λ) θ_b + λ mean_{b' ≠ b} �
   ``x/255 − 0.5``. The HR encoder is EfficientNet-Lite0 (1280-d), not ResNet50-trunc (1024-d).
 - A class whose mask keeps no tile keeps its ``min_keep`` best-scoring tiles instead
   (:func:`keep_mask`), so no class pools over an empty set and no slide ends with nothing read.
+- The presets run on the phantom cohort with their own ``mask_ratio``, ``attn_ratio`` and
+  keep-rate gate (:data:`PRESET_OVERRIDES` says why); :class:`AHDMILConfig`'s defaults are the
+  paper's Camelyon16 values.
 - The straight-through mask is written ``y_hard + (y_soft − stopgrad(y_soft))``, whose forward
   value is exactly 0 or 1 (the authors' ``y_hard − stopgrad(y_soft) + y_soft`` can give
   1 − 6e-8 for a kept tile).
