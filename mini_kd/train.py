@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 import time
 import types
@@ -465,15 +466,39 @@ def _resume(directory: Path, model, optimizers: dict, generators) -> History:
     return history
 
 
+# What torch.load and load_state_dict raise for a file that is not the checkpoint they expect:
+# a truncated zip, a text file, a pickle of something else, a dict with other keys or shapes.
+CHECKPOINT_ERRORS = (KeyError, AttributeError, TypeError, ValueError, RuntimeError, OSError,
+                     EOFError, pickle.UnpicklingError)
+
+
+def read_checkpoint(path, kind: str, how: str) -> dict:
+    """The dict saved at ``path`` by ``torch.save``, loaded on the CPU.
+
+    A missing file, a file torch cannot read, or one that holds no dict is a :class:`MiniKDError`
+    that names the ``kind`` of checkpoint expected and ``how`` to get one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MiniKDError(f"no {kind} checkpoint at {path}; {how}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except CHECKPOINT_ERRORS as error:
+        raise MiniKDError(f"{path} is not a readable {kind} checkpoint ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); {how}") from error
+    if not isinstance(saved, dict):
+        raise MiniKDError(f"{path} holds a {type(saved).__name__}, not a {kind} checkpoint; {how}")
+    return saved
+
+
 def load_checkpoint(path, model: nn.Module) -> dict:
     """Load the weights of a ``best.pt`` or ``last.pt`` written by :func:`fit` into ``model``.
 
     Returns the whole checkpoint (epoch, score, history, ...) for inspection.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MiniKDError(f"no checkpoint at {path}; train first (fit with checkpoint_dir) or fix the path")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    how = "train first (fit with checkpoint_dir) or fix the path"
+    checkpoint = read_checkpoint(path, "mini_kd", how)
     if "model" not in checkpoint:
         raise MiniKDError(f"{path} is not a mini_kd checkpoint (no 'model' entry); pass a best.pt "
                           "or last.pt written by mini_kd.train.fit")

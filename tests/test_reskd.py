@@ -1,7 +1,5 @@
 """ResKD: paired views, the losses in the method, label-free distillation, FLOPs, the CLI."""
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -334,8 +332,7 @@ def test_predict_classifies_a_phantom_slide_from_the_command_line(cohort, tmp_pa
     path = reskd.save_predictor(tmp_path / "predictor.pt", _teacher(), 4, config)
     slide = cohort.slide_path(cohort.ids()[0])
     out = tmp_path / "predictions.csv"
-    cli._predict(argparse.Namespace(method="reskd", checkpoint=str(path), slide=str(slide),
-                                    mpp=None, out=str(out)))
+    assert cli.main(["predict", "reskd", str(path), str(slide), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert cohort.ids()[0] in printed and "seconds" in printed
     assert out.read_text().splitlines()[0].startswith("slide_id,label,probability")

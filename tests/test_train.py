@@ -250,7 +250,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path):
 
 
 def test_load_checkpoint_explains_a_missing_file_and_a_wrong_model(tmp_path):
-    with pytest.raises(MiniKDError, match="no checkpoint"):
+    with pytest.raises(MiniKDError, match="no mini_kd checkpoint"):
         load_checkpoint(tmp_path / "best.pt", nn.Linear(3, 1))
     fit(nn.Linear(3, 1), mse_step, [regression_data()],
         FitConfig(epochs=1, monitor="train_loss", checkpoint_dir=tmp_path))
@@ -277,3 +277,41 @@ def test_fit_again_on_a_finished_checkpoint_trains_nothing(tmp_path):
 
     again = fit(nn.Linear(3, 1), must_not_run, [regression_data()], config, val_step=scripted([]))
     assert again.to_dict()["rows"] == first.to_dict()["rows"] and again.best_epoch == 2
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"hello", "text"),
+    (b"PK\x03\x04truncated", "a cut-off zip"),
+    (b"\x80\x02}q\x00.", "a plain pickle"),
+])
+def test_read_checkpoint_turns_an_unreadable_file_into_one_clear_error(tmp_path, content, what):
+    from mini_kd.train import read_checkpoint
+
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(content)
+    with pytest.raises(MiniKDError, match="not a readable demo checkpoint.*; do this"):
+        read_checkpoint(path, "demo", "do this")
+
+
+def test_read_checkpoint_refuses_a_missing_file_and_one_without_a_dict(tmp_path):
+    from mini_kd.train import read_checkpoint
+
+    with pytest.raises(MiniKDError, match="no demo checkpoint at"):
+        read_checkpoint(tmp_path / "missing.pt", "demo", "train one")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(MiniKDError, match="holds a list, not a demo checkpoint"):
+        read_checkpoint(tmp_path / "list.pt", "demo", "train one")
+    torch.save({"model": {}}, tmp_path / "dict.pt")
+    assert read_checkpoint(tmp_path / "dict.pt", "demo", "train one") == {"model": {}}
+
+
+@pytest.mark.parametrize("method", ["reskd", "lrmil", "ahdmil"])
+def test_predict_on_a_damaged_checkpoint_prints_one_line_and_exits_2(tmp_path, capsys, method):
+    from mini_kd.cli import main
+
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"PK\x03\x04truncated download")
+    assert main(["predict", method, str(damaged), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mini-kd: error: ") and len(err.strip().splitlines()) == 1
+    assert "not a readable" in err

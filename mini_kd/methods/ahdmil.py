@@ -124,7 +124,7 @@ from mini_kd.evaluate import StageTimer, classification_metrics, repeated_splits
 from mini_kd.kan import ChebyKAN
 from mini_kd.mil import ABMIL, AttentionPool, InstanceClassifier, masked_softmax, topk_instance_loss
 from mini_kd.progress import progress
-from mini_kd.train import FitConfig, fit, pick_device, seed_everything
+from mini_kd.train import CHECKPOINT_ERRORS, FitConfig, fit, pick_device, read_checkpoint, seed_everything
 
 
 # == 1. configuration ===============================================================================
@@ -902,11 +902,9 @@ def load_model(checkpoint) -> tuple[AHDMIL, nn.Module, dict]:
     from mini_kd.encoders import build_encoder
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise MiniKDError(f"no AHDMIL checkpoint at {path}; train one (notebook 04 or "
-                          "ahdmil.run_experiment saves it) or fix the path")
+    saved = read_checkpoint(path, "AHDMIL", "train one (notebook 04 or ahdmil.run_experiment "
+                                            "saves it) or fix the path")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("format") != CHECKPOINT_FORMAT:
             raise KeyError("format")
         dmin, lipn = DMIN(**saved["dmin_args"]), DBLIPN(**saved["lipn_args"])
@@ -915,10 +913,12 @@ def load_model(checkpoint) -> tuple[AHDMIL, nn.Module, dict]:
         encoder = build_encoder(saved["encoder"]["name"], pretrained=False,
                                 **saved["encoder"]["kwargs"])
         encoder.load_state_dict(saved["encoder"]["state_dict"])
-    except (KeyError, AttributeError, RuntimeError, OSError, EOFError) as error:
+        model = AHDMIL(dmin, lipn, saved["min_keep"])
+        geometry = dict(saved["geometry"])
+    except CHECKPOINT_ERRORS as error:  # a foreign or damaged file
         raise MiniKDError(f"{path} is not an AHDMIL checkpoint ({type(error).__name__}: {error}); "
                           "use a file written by mini_kd.methods.ahdmil.save_checkpoint") from error
-    return AHDMIL(dmin, lipn, saved["min_keep"]).eval(), encoder.eval(), saved["geometry"]
+    return model.eval(), encoder.eval(), geometry
 
 
 def load_predictor(checkpoint, screen: bool = True, device=None) -> Predictor:

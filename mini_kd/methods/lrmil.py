@@ -89,7 +89,8 @@ from mini_kd.progress import progress
 from mini_kd.slides import open_slide
 from mini_kd.tiling import MASK_MAG, TileGrid, coarse_grid, tile_grid
 from mini_kd.tissue import tissue_mask
-from mini_kd.train import FitConfig, fit, freeze, pick_device, seed_everything
+from mini_kd.train import (CHECKPOINT_ERRORS, FitConfig, fit, freeze, pick_device,
+                           read_checkpoint, seed_everything)
 
 
 # == 1. configuration ===============================================================================
@@ -719,11 +720,9 @@ def save_checkpoint(path, lr_encoder: Encoder, student: StudentABMIL, config: LR
 def load_predictor(checkpoint, device: str | None = None) -> SlidePredictor:
     """The predictor ``mini-kd predict lrmil CHECKPOINT SLIDE`` calls: reads 5x tiles only."""
     path = Path(checkpoint)
-    if not path.is_file():
-        raise MiniKDError(f"no LRMIL checkpoint at {path}; train one (notebook 03 or "
-                          "lrmil.run_experiment saves it) or fix the path")
+    saved = read_checkpoint(path, "LRMIL", "train one (notebook 03 or lrmil.run_experiment saves "
+                                           "it) or fix the path")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("method") != "lrmil":
             raise KeyError("method")
         encoder = build_encoder(saved["encoder"]["name"], pretrained=False,
@@ -732,12 +731,13 @@ def load_predictor(checkpoint, device: str | None = None) -> SlidePredictor:
         s = saved["student"]
         student = StudentABMIL(s["in_dim"], s["n_classes"], s["hidden"], s["gated"])
         student.load_state_dict(s["state_dict"])
-    except (KeyError, RuntimeError, OSError, EOFError) as error:  # also a truncated or foreign file
+        geometry = saved["geometry"]
+        mag, tile_size, min_tissue = geometry["mag"], geometry["tile_size"], geometry["min_tissue"]
+    except CHECKPOINT_ERRORS as error:  # a foreign or damaged file
         raise MiniKDError(f"{path} is not an LRMIL checkpoint ({type(error).__name__}: {error}); "
                           "use a file written by mini_kd.methods.lrmil.save_checkpoint") from error
-    geometry = saved["geometry"]
-    return SlidePredictor(encoder, student, geometry["mag"], geometry["tile_size"],
-                          geometry["min_tissue"], device=device, geometry=geometry)
+    return SlidePredictor(encoder, student, mag, tile_size, min_tissue, device=device,
+                          geometry=geometry)
 
 
 # == 8. the experiment the notebook and the benchmark run ==========================================

@@ -85,7 +85,8 @@ from mini_kd.paths import data_dir
 from mini_kd.progress import progress
 from mini_kd.slides import open_slide
 from mini_kd.tiling import tile_grid
-from mini_kd.train import FitConfig, fit, freeze, load_checkpoint, pick_device, seed_everything
+from mini_kd.train import (CHECKPOINT_ERRORS, FitConfig, fit, freeze, load_checkpoint, pick_device,
+                           read_checkpoint, seed_everything)
 
 CLASSES = ("normal", "mimic", "tumour")  # region class c = phantom label-map code c + 1
 MIN_INPUT_PX = 8  # smallest side a TinyResNetGN input may have, see check_input_size
@@ -739,23 +740,23 @@ def load_predictor(checkpoint):
     tumour-like region has P(tumour) >= 0.5; ``probability`` is that largest P(tumour).
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise MiniKDError(f"no ResKD checkpoint at {path}; run reskd.run_experiment first (it writes "
-                          "predictor.pt next to each student's checkpoints)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if "factor" not in saved:
-        raise MiniKDError(f"{path} is not a ResKD predictor (no 'factor'); pass a predictor.pt")
-    model = TinyResNetGN(n_classes=len(saved["classes"]))
-    model.load_state_dict(saved["model"])
+    saved = read_checkpoint(path, "ResKD", "run reskd.run_experiment first (it writes predictor.pt "
+                                           "next to each student's checkpoints)")
+    try:
+        model = TinyResNetGN(n_classes=len(saved["classes"]))
+        model.load_state_dict(saved["model"])
+        mag, side = saved["hr_mag"] / saved["factor"], saved["region_size"] // saved["factor"]
+        tumour, min_tissue = saved["classes"].index("tumour"), saved["min_tissue"]
+    except CHECKPOINT_ERRORS as error:  # a foreign or damaged file
+        raise MiniKDError(f"{path} is not a ResKD predictor ({type(error).__name__}: {error}); pass "
+                          "a predictor.pt written by mini_kd.methods.reskd.save_predictor") from error
     model.eval()
-    mag, side = saved["hr_mag"] / saved["factor"], saved["region_size"] // saved["factor"]
-    tumour = saved["classes"].index("tumour")
 
     def predictor(slide_path, mpp: float | None = None) -> dict:
         timer = StageTimer()
         with open_slide(slide_path, mpp=mpp) as slide:
             with timer.stage("grid"):
-                grid = tile_grid(slide, mag, side, saved["min_tissue"])
+                grid = tile_grid(slide, mag, side, min_tissue)
             with timer.stage("read"):
                 regions = slide.read_tiles(grid.coords, side, mag)  # (M, s, s, 3)
             with timer.stage("classify"):
