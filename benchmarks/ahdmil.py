@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mini_kd.evaluate import plain
 from mini_kd.methods import ahdmil
 from mini_kd.presets import PRESETS
 
@@ -41,7 +42,8 @@ def main(argv=None):
     results["machine"] = {"platform": platform.platform(), "cuda": torch.cuda.is_available(),
                           "threads_while_running": 1}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    results = plain(results)
+    args.out.write_text(json.dumps(results, indent=2, allow_nan=False))
     print(json.dumps({key: results[key] for key in ("dmin_all", "ahdmil", "targets", "wall_seconds")
                       if key in results}, indent=2))
 

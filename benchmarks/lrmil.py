@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mini_kd.evaluate import plain
 from mini_kd.methods import lrmil
 from mini_kd.presets import PRESETS
 
@@ -50,7 +51,8 @@ def main(argv=None):
     results["machine"] = {"platform": platform.platform(), "threads": torch.get_num_threads(),
                           "cuda": torch.cuda.is_available()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    results = plain(results)
+    args.out.write_text(json.dumps(results, indent=2, allow_nan=False))
     summary = {key: results[key] for key in ("hr_abmil", "lr_abmil", "lrmil", "targets")
                if key in results}
     print(json.dumps(summary, indent=2))

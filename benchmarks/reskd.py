@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from mini_kd.evaluate import plain
 from mini_kd.methods import reskd
 
 
@@ -41,7 +42,8 @@ def main(argv=None):
     results["machine"] = {"platform": platform.platform(), "threads": torch.get_num_threads(),
                           "cuda": torch.cuda.is_available()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    results = plain(results)
+    args.out.write_text(json.dumps(results, indent=2, allow_nan=False))
     summary = {key: results[key] for key in ("teacher", "students", "unlabeled", "targets",
                                              "flop_reduction_by_region_size", "wall_seconds")}
     print(json.dumps(summary, indent=2))

@@ -17,6 +17,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from numbers import Real
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -291,3 +292,20 @@ def count_flops(model: torch.nn.Module, example_input) -> int:
 def gflops(model: torch.nn.Module, example_input) -> float:
     """:func:`count_flops` in units of 10^9."""
     return count_flops(model, example_input) / 1e9
+
+
+# -- results as JSON ----------------------------------------------------------------------------
+def plain(value):
+    """``value`` with numpy scalars, arrays, tuples and paths turned into JSON types, and NaN or
+    infinity into ``None`` (strict JSON has no NaN: an AUC on a one-class split is undefined)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -511,3 +511,27 @@ def test_config_refuses_an_unknown_head_preset_or_norm():
         ahdmil.DBLIPN(norm="layer")
     with pytest.raises(MiniKDError, match=r"\(N, 6\)"):
         ahdmil.DMIN(6)(torch.zeros(1, 4, 6))
+
+
+# -- the benchmark's JSON --------------------------------------------------------------------------
+def test_the_benchmark_json_has_the_issue_keys_and_computes_the_targets_from_the_rows():
+    runs = [{"split": r, "model": "dmin_all", "auc": 1.0, "accuracy": 1.0, "f1": 1.0} for r in range(2)]
+    runs += [{"split": r, "model": "ahdmil", "auc": 1.0, "accuracy": 1.0, "f1": 1.0,
+              "keep_rate": rate, "tumour_recall": recall} for r, (rate, recall) in enumerate([(0.2, 1.0), (0.1, 0.9)])]
+    stages = dict.fromkeys(ahdmil.STAGES, 0.0)
+    timing = [{"model": "dmin_all", "slide_id": "a", "tiles": 100, "tiles_read": 100,
+               **{**stages, "encode": 3.0, "read_hr": 1.0}, "total": 4.0},
+              {"model": "ahdmil", "slide_id": "a", "tiles": 100, "tiles_read": 20,
+               **{**stages, "encode": 0.6, "read_hr": 0.2, "db_lipn": 0.2}, "total": 1.0}]
+    experiment = ahdmil.Experiment("smoke", ahdmil.config_for("smoke"), [{"test": ["a"]}] * 2,
+                                   runs=runs, timing=timing)
+    out = experiment.to_json()
+    assert {"auc", "accuracy", "seconds_per_slide"} <= set(out["dmin_all"])
+    assert {"auc", "accuracy", "seconds_per_slide", "keep_rate", "tumour_recall"} <= set(out["ahdmil"])
+    assert out["ahdmil"]["keep_rate"] == pytest.approx(0.15) and out["ahdmil"]["tumour_recall"] == pytest.approx(0.95)
+    assert out["ahdmil"]["tiles_read"] == 20 and out["ahdmil"]["seconds_by_stage"]["db_lipn"] == pytest.approx(0.2)
+    assert out["targets"]["speedup"] == pytest.approx(4.0)
+    assert out["targets"] == {"speedup": pytest.approx(4.0), "speedup_at_least_2x": True,
+                              "auc_at_least_dmin_all": True, "tumour_recall_at_least_95pct": True}
+    experiment.runs[-1]["tumour_recall"] = 0.8
+    assert not experiment.to_json()["targets"]["tumour_recall_at_least_95pct"]

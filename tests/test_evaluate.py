@@ -137,3 +137,16 @@ def test_flops_of_a_linear_layer_are_two_per_multiply_add():
     assert count_flops(layer, torch.randn(4, 10)) == 2 * 4 * 10 * 20
     assert gflops(layer, torch.randn(4, 10)) == pytest.approx(1600 / 1e9)
     assert layer.training                                    # its mode is given back
+
+
+def test_plain_makes_strict_json_of_numpy_values_and_undefined_metrics():
+    import json
+    from pathlib import Path
+
+    from mini_kd.evaluate import plain
+
+    value = {"auc": float("nan"), "n": np.int64(3), "ci": (np.float32(0.5), 1.0),
+             "rows": np.array([1, 2]), "path": Path("a/b"), 4: [np.inf]}
+    out = plain(value)
+    assert out == {"auc": None, "n": 3, "ci": [0.5, 1.0], "rows": [1, 2], "path": "a/b", "4": [None]}
+    json.dumps(out, allow_nan=False)  # raises ValueError on any NaN left

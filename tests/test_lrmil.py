@@ -147,12 +147,12 @@ def test_attention_weighted_loss_on_hand_computed_values():
 
 def test_stage1_loss_weighs_its_two_terms():
     maps = {"a": torch.zeros(1, 2, 2, 2), "f": torch.ones(1, 2, 2, 2)}
-    batch = {"targets": {"a": torch.ones(1, 4, 2)}, "final": torch.zeros(1, 4, 2),
+    batch = {"targets": {"a": torch.full((1, 4, 2), 2.0)}, "final": torch.zeros(1, 4, 2),
              "present": torch.ones(1, 4, dtype=torch.bool), "weights": torch.full((1, 4), 0.25)}
     config = lrmil.LRMILConfig(k=2, lambda_layer=2.0, lambda_attn=3.0)
     loss, terms = lrmil.stage1_loss(maps, batch, config, final_layer="f")
-    assert terms == {"L_layer": 1.0, "L_attn": 1.0}
-    torch.testing.assert_close(loss, torch.tensor(5.0))
+    assert terms == {"L_layer": 4.0, "L_attn": 1.0}  # (0 - 2)² per block; (1 - 0)² per child
+    torch.testing.assert_close(loss, torch.tensor(2.0 * 4.0 + 3.0 * 1.0))  # swapped λ's give 14
 
 
 # -- stage-2 losses ---------------------------------------------------------------------------------
@@ -238,6 +238,11 @@ def test_teacher_attention_logits_are_per_tile_and_their_softmax_sums_to_one():
     for slide_id, X in features.items():
         assert out[slide_id]["logits"].shape == (2,)
         assert out[slide_id]["attention_logits"].shape == (len(X),)  # one per tile, not the bag vector
+        with torch.no_grad():
+            direct = teacher(X.unsqueeze(0))
+        torch.testing.assert_close(out[slide_id]["attention_logits"], direct.attention_logits[0])
+        torch.testing.assert_close(out[slide_id]["logits"], direct.logits[0])
+        assert not torch.allclose(out[slide_id]["attention_logits"].sum(), torch.tensor(1.0))  # not α
         torch.testing.assert_close(torch.softmax(out[slide_id]["attention_logits"], 0).sum(), torch.tensor(1.0))
 
 
@@ -414,3 +419,35 @@ def test_every_preset_keeps_the_papers_4x4_geometry():
     for preset in PRESETS:
         config = lrmil.config_for(preset)
         assert config.k == 4 and config.hr_mag / config.lr_mag == 4
+
+
+# -- the benchmark's JSON --------------------------------------------------------------------------
+def _timing_row(model, slide_id, read, encode, mil, tiles):
+    seconds = {"tissue": 0.1, "grid": 0.1, "read": read, "encode": encode, "MIL": mil}
+    return {"model": model, "slide_id": slide_id, "tiles": tiles, **seconds,
+            "read_encode_mil": read + encode + mil, "total": sum(seconds.values())}
+
+
+def test_the_benchmark_json_has_the_issue_keys_and_computes_the_targets_from_the_rows():
+    runs = [{"split": r, "model": m, "auc": auc, "accuracy": 0.9, "f1": 0.9}
+            for r in range(2) for m, auc in (("hr_abmil", 1.0), ("lr_abmil", 0.8), ("lrmil", 0.99))]
+    timing = [_timing_row("hr_abmil", "a", 1.0, 10.0, 1.0, 160), _timing_row("lrmil", "a", 0.1, 0.8, 0.1, 10),
+              _timing_row("lr_abmil", "a", 0.1, 0.8, 0.1, 10)]
+    sweep = [{"lambda_bag": 1.0, "val_ce": 0.1, "val_auc": 1.0}, {"lambda_bag": 0.0, "val_ce": 0.5, "val_auc": 0.9}]
+    experiment = lrmil.Experiment("smoke", lrmil.LRMILConfig(lambda_bag=1.0), [{"test": ["a"]}] * 2,
+                                  runs=runs, timing=timing, sweep=sweep)
+    out = experiment.to_json()
+    for model in ("hr_abmil", "lr_abmil", "lrmil"):
+        assert {"auc", "accuracy", "seconds_per_slide"} <= set(out[model])
+    assert out["lrmil"]["auc"] == pytest.approx(0.99) and out["lrmil"]["auc_std"] == 0
+    assert out["targets"]["speedup_read_encode_mil"] == pytest.approx(12.0 / 1.0)
+    assert out["targets"]["speedup_at_least_12x"] and out["targets"]["auc_at_least_98pct_of_hr_abmil"]
+    assert out["targets"]["auc_above_lr_abmil"]
+    assert out["config_is_sweep_best"] and out["sweep_best"]["lambda_bag"] == 1.0
+    experiment.config = lrmil.LRMILConfig(lambda_bag=0.0)
+    assert not experiment.to_json()["config_is_sweep_best"]
+
+
+def test_a_config_for_more_than_two_classes_is_refused_up_front():
+    with pytest.raises(MiniKDError, match="two classes.*n_classes=3"):
+        lrmil.config_for("smoke", n_classes=3)

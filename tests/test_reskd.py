@@ -17,7 +17,7 @@ from mini_kd.slides import open_slide
 
 def _config(tmp_path, **overrides) -> ResKDConfig:
     """32-px regions, one ÷2 student: every step runs in well under a second."""
-    settings = dict(preset="smoke", region_size=32, factors=(2,), unlabeled_factor=2, epochs=1,
+    settings = dict(preset="smoke", device="cpu", region_size=32, factors=(2,), unlabeled_factor=2, epochs=1,
                     teacher_epochs=1, batch_size=4, accumulate=1, n_views=1, bootstrap=200,
                     checkpoint_dir=str(tmp_path / "checkpoints"))
     return ResKDConfig(**{**settings, **overrides})

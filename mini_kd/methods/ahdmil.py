@@ -1000,9 +1000,9 @@ class Experiment:
             base, ours = out["dmin_all"], out["ahdmil"]
             speedup = base["seconds_per_slide"] / ours["seconds_per_slide"]
             out["targets"] = {
-                "speedup": speedup, "speedup_met (>= 2)": bool(speedup >= 2),
-                "auc_met (ahdmil >= dmin_all)": bool(ours["auc"] >= base["auc"]),
-                "tumour_recall_met (>= 0.95)": bool(ours.get("tumour_recall", math.nan) >= 0.95),
+                "speedup": speedup, "speedup_at_least_2x": bool(speedup >= 2),
+                "auc_at_least_dmin_all": bool(ours["auc"] >= base["auc"]),
+                "tumour_recall_at_least_95pct": bool(ours.get("tumour_recall", math.nan) >= 0.95),
             }
         return out
 

@@ -79,7 +79,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from mini_kd.data import PairedViews, downsample_views, paired_transform, region_views, to_tensor
 from mini_kd.encoders import TinyResNetGN
 from mini_kd.errors import MiniKDError
-from mini_kd.evaluate import StageTimer, bootstrap_ci, classification_metrics, count_flops
+from mini_kd.evaluate import StageTimer, bootstrap_ci, classification_metrics, count_flops, plain
 from mini_kd.kd import feature_map_loss, soft_target_loss
 from mini_kd.paths import data_dir
 from mini_kd.progress import progress
@@ -654,7 +654,7 @@ def run_experiment(config: ResKDConfig | str = "book") -> dict:
         results["unlabeled"] = _unlabeled_scaling(config, bank, targets, val, val_targets, test,
                                                   students)
     results["seconds"] = timer.seconds
-    return _plain(results)
+    return plain(results)
 
 
 def check_targets(results: dict) -> dict:
@@ -708,17 +708,6 @@ def _teacher_of(config: ResKDConfig) -> TinyResNetGN:
     teacher = build_network(config.seed)
     load_checkpoint(_checkpoint_dir(config, "teacher") / "best.pt", teacher)
     return freeze(teacher)
-
-
-def _plain(value):
-    """``value`` with numpy scalars and tuples turned into JSON types."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 # -- a slide-level predictor for `mini-kd predict reskd` --------------------------------------------
