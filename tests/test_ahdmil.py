@@ -373,6 +373,11 @@ def test_step2_warns_and_keeps_the_last_weights_when_no_epoch_passes_the_keep_ra
         model, history = ahdmil.train_step2(dmin, bags[:4], bags[4:], tiny_config(keep_bounds=(2.0, 3.0)))
     assert history.best_epoch is None and len(history.rows) == 2
     assert not torch.equal(model.dmin.projection[0].weight, dmin.projection[0].weight)  # fine-tuned copy
+    row = ahdmil.gate_row(3, history, bags[4:], dmin, tiny_config(keep_bounds=(2.0, 3.0)))
+    own = ahdmil.score_bags(bags[4:], ahdmil.predict_dmin_own_mask(dmin))["keep_rate"]
+    assert row == {"split": 3, "gate": [2.0, 3.0], "best_epoch": None, "gate_passed": False,
+                   "val_keep_rate_last": history.rows[-1]["val_keep_rate"],
+                   "dmin_own_mask_val_keep_rate": own}
 
 
 def test_score_bags_reports_keep_rate_and_the_recall_of_tumour_tiles_among_kept_ones():

@@ -948,6 +948,7 @@ class Experiment:
     splits: list[dict]
     runs: list[dict] = field(default_factory=list)      # one row per split and model: test metrics
     history: dict = field(default_factory=dict)         # split 0: "step1", "step2" epoch rows
+    gates: list[dict] = field(default_factory=list)     # one row per split: step 2's keep-rate gate
     timing: list[dict] = field(default_factory=list)    # one row per slide and pipeline: seconds
     kept: dict = field(default_factory=dict)            # split 0: one test slide's keep masks
     models: dict = field(default_factory=dict)          # split 0: "dmin", "dmin_linear", "ahdmil"
@@ -1004,6 +1005,8 @@ class Experiment:
                 "auc_at_least_dmin_all": bool(ours["auc"] >= base["auc"]),
                 "tumour_recall_at_least_95pct": bool(ours.get("tumour_recall", math.nan) >= 0.95),
             }
+        if self.gates:
+            out["step2_gate_by_split"] = self.gates
         return out
 
 
@@ -1026,6 +1029,16 @@ def time_pipelines(cohort, slide_ids, predictors: dict) -> list[dict]:
                          "tiles_read": result["tiles_read"], **result["seconds"],
                          "total": sum(result["seconds"].values())})
     return rows
+
+
+def gate_row(split: int, step2, val: list[Bag], dmin: DMIN, config: AHDMILConfig) -> dict:
+    """Did step 2 pass its keep-rate gate on this split? The epoch kept (None: none passed and
+    the last weights are scored), the screen's last validation keep rate, and the keep rate of
+    DMIN's own mask on the same validation slides (what the screen imitates)."""
+    own = score_bags(val, predict_dmin_own_mask(dmin, config.min_keep))["keep_rate"]
+    return {"split": split, "gate": list(config.keep_bounds), "best_epoch": step2.best_epoch,
+            "gate_passed": step2.best_epoch is not None,
+            "val_keep_rate_last": step2.rows[-1]["val_keep_rate"], "dmin_own_mask_val_keep_rate": own}
 
 
 def kept_tiles(cohort, slide_id: str, predictor: Predictor, dmin: DMIN, features: torch.Tensor,
@@ -1104,6 +1117,7 @@ def _run_experiment(preset: str, config: AHDMILConfig | None, timing: bool,
                       "dmin_own_mask_linear": predict_dmin_own_mask(linear, config.min_keep)}
         for name, predict in predictors.items():
             experiment.runs.append({"split": r, "model": name, **score_bags(test, predict)})
+        experiment.gates.append(gate_row(r, step2, val, dmin, config))
         if r > 0:
             continue
         experiment.history = {"step1": step1.rows, "step2": step2.rows,
