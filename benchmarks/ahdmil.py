@@ -4,7 +4,7 @@ measured in one run on the same slides, with the keep rate and the tumour recall
 Runs :func:`mini_kd.methods.ahdmil.run_experiment`, the same function notebook 04 runs, and writes
 its JSON (:meth:`~mini_kd.methods.ahdmil.Experiment.to_json`): every model's test metrics (mean and
 standard deviation over the repeated splits), the seconds per slide and stage of the two pipelines
-timed from the slide files on split 0's test slides, and the issue's targets, met or not:
+timed from the slide files on split 0's test slides, and the targets, met or not:
 
 - AHDMIL's inference from the slide file is at least 2x faster than DMIN on every tile;
 - AHDMIL's AUC is at least DMIN's (on every tile);

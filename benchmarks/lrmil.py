@@ -6,7 +6,7 @@ is trained, scored and timed in one run on the same splits and the same slides, 
 - per model: test AUC, accuracy and weighted F1 (mean and std over the repeated splits) and, for
   the pipelines timed from the slide file, seconds per slide (total, and read + encode + MIL)
   with the seconds of each stage;
-- the issue's targets, met or not: LRMIL's read + encode + MIL at least 12x faster per slide than
+- the targets, met or not: LRMIL's read + encode + MIL at least 12x faster per slide than
   HR ABMIL's, its AUC at least 98 % of HR ABMIL's, and above LR ABMIL's (no distillation).
 
 Stage-1 encoders and features are cached under $MINI_KD_DATA/phantom/<preset>, so a run after

@@ -2,7 +2,7 @@
 and the KD student with more unlabeled slides.
 
 Runs :func:`mini_kd.methods.reskd.run_experiment`, the same function notebook 02 runs, and
-writes its results plus the issue's targets, met or not:
+writes its results plus the targets, met or not:
 
 - the ÷8 student needs at least 64x fewer FLOPs (measured) and is within 2 accuracy points of
   the teacher;

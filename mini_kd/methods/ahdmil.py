@@ -986,7 +986,7 @@ class Experiment:
 
     def to_json(self) -> dict:
         """The benchmark's JSON: per model the test metrics (mean and std over the splits), per
-        timed pipeline the seconds per slide, and the issue's three targets, met or not."""
+        timed pipeline the seconds per slide, and the three targets, met or not."""
         out = {"preset": self.preset, "n_splits": len(self.splits),
                "n_test_slides": [len(s["test"]) for s in self.splits],
                "timed_slides": len({row["slide_id"] for row in self.timing}),
