@@ -123,6 +123,7 @@ from mini_kd.errors import MiniKDError
 from mini_kd.evaluate import StageTimer, classification_metrics, repeated_splits, summarize
 from mini_kd.kan import ChebyKAN
 from mini_kd.mil import ABMIL, AttentionPool, InstanceClassifier, masked_softmax, topk_instance_loss
+from mini_kd.phantom import TUMOUR
 from mini_kd.progress import progress
 from mini_kd.train import CHECKPOINT_ERRORS, FitConfig, fit, pick_device, read_checkpoint, seed_everything
 
@@ -629,7 +630,7 @@ def build_bags(cohort, config: AHDMILConfig, encoder=None) -> tuple[dict[str, Ba
             crops = read_screen_crops(slide, same_footprint(grid, geometry["screen_mag"]))
         tumour = None
         if cohort.has_label_maps:
-            tumour = cohort.tile_fractions(slide_id, grid.coords, grid.footprint)[:, 3] > 0.5
+            tumour = cohort.tile_fractions(slide_id, grid.coords, grid.footprint)[:, TUMOUR] > 0.5
         bags[slide_id] = Bag(slide_id, features[slide_id], to_tensor(crops),
                              int(cohort.labels([slide_id])[0]), tumour)
     return bags, grids
