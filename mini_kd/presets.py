@@ -7,7 +7,9 @@
 
 All notebooks of one preset share one phantom cohort, generated once and cached under
 ``$MINI_KD_DATA/phantom/<preset>``; with ``MINI_KD_COHORT=FOLDER`` the ``gpu`` preset runs on a
-public cohort instead (its figures of ground-truth tumour are then left out: there is none). Method-specific settings live next to each method.
+public cohort instead (its figures of ground-truth tumour are then left out: there is none);
+ResKD's region task needs tile labels and stays on the phantom. Method-specific settings live
+next to each method.
 """
 
 from __future__ import annotations

@@ -341,3 +341,15 @@ def test_predict_classifies_a_phantom_slide_from_the_command_line(cohort, tmp_pa
     assert row["regions"] > 0 and set(row["seconds"]) == {"grid", "read", "classify"}
     with pytest.raises(MiniKDError, match="no ResKD checkpoint"):
         reskd.load_predictor(tmp_path / "missing.pt")
+
+
+def test_regions_of_a_cohort_without_tile_labels_are_refused_up_front(cohort, tmp_path):
+    from mini_kd.phantom import load_cohort
+
+    public = tmp_path / "public"
+    (public / "slides").mkdir(parents=True)
+    slide_id = cohort.ids()[0]
+    (public / "slides" / f"{slide_id}.svs").write_bytes(cohort.slide_path(slide_id).read_bytes())
+    (public / "labels.csv").write_text(f"slide_id,label,split\n{slide_id},1,train\n")
+    with pytest.raises(MiniKDError, match="slide labels only.*tile-level"):
+        reskd.labeled_regions(load_cohort(public), "train", _config(tmp_path))

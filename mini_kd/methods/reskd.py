@@ -264,6 +264,9 @@ def labeled_regions(cohort, split: str, config: ResKDConfig, source: str | None 
     at least ``purity`` of it is a region of that class; per slide and class at most
     ``regions_per_class`` are drawn at random. Cached on disk.
     """
+    if not cohort.has_label_maps:
+        raise MiniKDError(f"{cohort.root} has slide labels only; ResKD's regions need tile-level "
+                          "labels (normal, mimic, tumour): use a phantom cohort (presets.phantom_cohort)")
     source = source or config.view_source
     key = _cache_key("labeled", str(cohort.root), cohort.ids(split), split, source,
                      {k: getattr(config, k) for k in ("region_size", "hr_mag", "factors", "purity",
@@ -600,12 +603,12 @@ def run_experiment(config: ResKDConfig | str = "book") -> dict:
     Trained networks are checkpointed (:func:`mini_kd.train.fit`); a second call with the same
     config resumes or reloads them instead of training again.
     """
-    from mini_kd.presets import cohort as preset_cohort
+    from mini_kd.presets import phantom_cohort
 
     config = config_for(config) if isinstance(config, str) else config
     timer = StageTimer()
     with timer.stage("regions"):
-        cohort = preset_cohort(config.preset)
+        cohort = phantom_cohort(config.preset)  # region labels: the phantom, whatever MINI_KD_COHORT says
         train, val, test = (labeled_regions(cohort, split, config) for split in ("train", "val", "test"))
         other = "resize" if config.view_source == "pyramid" else "pyramid"
         test_other = labeled_regions(cohort, "test", config, source=other)
