@@ -427,19 +427,23 @@ def _set_rng_state(state: dict, generators: list[torch.Generator]) -> None:
         generator.set_state(saved)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file, then rename: an interruption never leaves half a checkpoint."""
+def write_checkpoint(obj, path) -> Path:
+    """``torch.save(obj, path)`` through a temporary file and a rename, creating the folder: an
+    interruption never leaves half a checkpoint (the counterpart of :func:`read_checkpoint`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     torch.save(obj, temporary)
     os.replace(temporary, path)
+    return path
 
 
 def _save_checkpoint(directory: Path, model, optimizers: dict, history: History, generators,
                      improved: bool) -> None:
     if improved:  # best.pt first, so last.pt never points at a best epoch that is not on disk
-        _atomic_save({"model": history.best_state, "epoch": history.best_epoch,
+        write_checkpoint({"model": history.best_state, "epoch": history.best_epoch,
                       "score": history.best_score, "monitor": history.monitor}, directory / "best.pt")
-    _atomic_save({"model": model.state_dict(),
+    write_checkpoint({"model": model.state_dict(),
                   "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
                   "history": history.to_dict(),
                   "rng": _rng_state(generators)}, directory / "last.pt")

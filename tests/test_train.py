@@ -315,3 +315,12 @@ def test_predict_on_a_damaged_checkpoint_prints_one_line_and_exits_2(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("mini-kd: error: ") and len(err.strip().splitlines()) == 1
     assert "not a readable" in err
+
+
+def test_write_checkpoint_creates_the_folder_and_leaves_no_temporary_file(tmp_path):
+    from mini_kd.train import read_checkpoint, write_checkpoint
+
+    path = write_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "new" / "folder" / "ck.pt")
+    assert path == tmp_path / "new" / "folder" / "ck.pt"
+    assert [p.name for p in path.parent.iterdir()] == ["ck.pt"]
+    assert torch.equal(read_checkpoint(path, "demo", "-")["model"]["w"], torch.ones(2))

@@ -125,7 +125,8 @@ from mini_kd.kan import ChebyKAN
 from mini_kd.mil import ABMIL, AttentionPool, InstanceClassifier, masked_softmax, topk_instance_loss
 from mini_kd.phantom import TUMOUR
 from mini_kd.progress import progress
-from mini_kd.train import CHECKPOINT_ERRORS, FitConfig, fit, pick_device, read_checkpoint, seed_everything
+from mini_kd.train import (CHECKPOINT_ERRORS, FitConfig, fit, pick_device, read_checkpoint,
+                           seed_everything, write_checkpoint)
 
 
 # == 1. configuration ===============================================================================
@@ -890,15 +891,13 @@ def save_checkpoint(path, model: AHDMIL, encoder: nn.Module, config: AHDMILConfi
     :data:`mini_kd.presets.GEOMETRY`)."""
     from mini_kd.presets import GEOMETRY
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, "dmin_args": model.dmin.args,
-                "lipn_args": model.lipn.args, "dmin": model.dmin.state_dict(),
-                "lipn": model.lipn.state_dict(), "min_keep": model.min_keep,
-                "encoder": {"name": config.encoder, "kwargs": dict(encoder_kwargs or {}),
-                            "state_dict": encoder.state_dict()},
-                "geometry": dict(geometry or GEOMETRY[config.preset])}, path)
-    return path
+    return write_checkpoint({"format": CHECKPOINT_FORMAT, "dmin_args": model.dmin.args,
+                             "lipn_args": model.lipn.args, "dmin": model.dmin.state_dict(),
+                             "lipn": model.lipn.state_dict(), "min_keep": model.min_keep,
+                             "encoder": {"name": config.encoder,
+                                         "kwargs": dict(encoder_kwargs or {}),
+                                         "state_dict": encoder.state_dict()},
+                             "geometry": dict(geometry or GEOMETRY[config.preset])}, path)
 
 
 def load_model(checkpoint) -> tuple[AHDMIL, nn.Module, dict]:

@@ -92,7 +92,7 @@ from mini_kd.slides import open_slide
 from mini_kd.tiling import MASK_MAG, TileGrid, coarse_grid, tile_grid
 from mini_kd.tissue import tissue_mask
 from mini_kd.train import (CHECKPOINT_ERRORS, FitConfig, fit, freeze, pick_device,
-                           read_checkpoint, seed_everything)
+                           read_checkpoint, seed_everything, write_checkpoint)
 
 
 # == 1. configuration ===============================================================================
@@ -707,9 +707,7 @@ class SlidePredictor:
 def save_checkpoint(path, lr_encoder: Encoder, student: StudentABMIL, config: LRMILConfig,
                     encoder_kwargs: dict | None = None) -> Path:
     """One file with everything inference needs: the LR encoder, the student and the geometry."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
+    return write_checkpoint({
         "method": "lrmil",
         "encoder": {"name": config.encoder, "kwargs": dict(encoder_kwargs or {}),
                     "state_dict": lr_encoder.state_dict()},
@@ -721,7 +719,6 @@ def save_checkpoint(path, lr_encoder: Encoder, student: StudentABMIL, config: LR
                      "hr_tile": config.hr_tile},
         "config": json.dumps(asdict(config)),
     }, path)
-    return path
 
 
 def load_predictor(checkpoint, device: str | None = None) -> SlidePredictor:
@@ -886,15 +883,14 @@ def distil_encoder(cohort, split: dict, hr_grids, lr_grids, hr_features, teacher
     path = cache_dir / f"stage1-{key}.pt"
     lr_encoder = lr_encoder_from(hr_encoder).eval()
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = read_checkpoint(path, "stage-1 cache", f"delete {path} to train stage 1 again")
         lr_encoder.load_state_dict(saved["state_dict"])
         return lr_encoder, json.loads(saved["history"])
     items = stage1_data(cohort, split["train"], hr_grids, lr_grids, hr_features, teacher,
                         hr_encoder, config, cache_dir / "targets")
     lr_encoder, history = train_stage1(hr_encoder, items, config)
     rows = [{k: v for k, v in row.items()} for row in history.rows]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": lr_encoder.state_dict(), "history": json.dumps(rows)}, path)
+    write_checkpoint({"state_dict": lr_encoder.state_dict(), "history": json.dumps(rows)}, path)
     return lr_encoder, rows
 
 

@@ -86,7 +86,7 @@ from mini_kd.progress import progress
 from mini_kd.slides import open_slide
 from mini_kd.tiling import tile_grid
 from mini_kd.train import (CHECKPOINT_ERRORS, FitConfig, fit, freeze, load_checkpoint, pick_device,
-                           read_checkpoint, seed_everything)
+                           read_checkpoint, seed_everything, write_checkpoint)
 
 CLASSES = ("normal", "mimic", "tumour")  # region class c = phantom label-map code c + 1
 MIN_INPUT_PX = 8  # smallest side a TinyResNetGN input may have, see check_input_size
@@ -722,12 +722,9 @@ def _teacher_of(config: ResKDConfig) -> TinyResNetGN:
 # -- a slide-level predictor for `mini-kd predict reskd` --------------------------------------------
 def save_predictor(path, model: nn.Module, factor: int, config: ResKDConfig) -> Path:
     """A self-contained checkpoint: the weights and the geometry the predictor needs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "factor": factor, "region_size": config.region_size,
-                "hr_mag": config.hr_mag, "min_tissue": config.min_tissue, "classes": list(CLASSES)},
-               path)
-    return path
+    return write_checkpoint({"model": model.state_dict(), "factor": factor,
+                             "region_size": config.region_size, "hr_mag": config.hr_mag,
+                             "min_tissue": config.min_tissue, "classes": list(CLASSES)}, path)
 
 
 def load_predictor(checkpoint):
