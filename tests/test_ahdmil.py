@@ -356,7 +356,7 @@ def test_same_seed_gives_the_same_numbers_and_another_seed_does_not():
     def run(seed):
         config = tiny_config(seed=seed)
         dmin, history1 = ahdmil.train_step1(train, val, config)
-        model, history2 = ahdmil.train_step2(dmin, train, val, config)
+        model, history2, _ = ahdmil.train_step2(dmin, train, val, config)
         return model.state_dict(), history1.column("train_loss") + history2.column("train_loss")
 
     (first, losses), (again, losses_again), (other, _) = run(0), run(0), run(1)
@@ -366,16 +366,22 @@ def test_same_seed_gives_the_same_numbers_and_another_seed_does_not():
     assert any(not torch.equal(first[name], other[name]) for name in first)
 
 
-def test_step2_warns_and_keeps_the_last_weights_when_no_epoch_passes_the_keep_rate_gate():
+def test_step2_tries_fresh_screens_then_warns_and_keeps_the_last_weights_when_no_epoch_passes_the_gate():
     bags = tiny_bags()
     dmin, _ = ahdmil.train_step1(bags[:4], bags[4:], tiny_config())
-    with pytest.warns(UserWarning, match="keep rate"):
-        model, history = ahdmil.train_step2(dmin, bags[:4], bags[4:], tiny_config(keep_bounds=(2.0, 3.0)))
-    assert history.best_epoch is None and len(history.rows) == 2
+    config = tiny_config(keep_bounds=(2.0, 3.0), step2_restarts=2)
+    with pytest.warns(UserWarning, match="3 tries had a validation keep rate"):
+        model, history, tries = ahdmil.train_step2(dmin, bags[:4], bags[4:], config)
+    assert tries == 3 and history.best_epoch is None and len(history.rows) == 2
     assert not torch.equal(model.dmin.projection[0].weight, dmin.projection[0].weight)  # fine-tuned copy
-    row = ahdmil.gate_row(3, history, bags[4:], dmin, tiny_config(keep_bounds=(2.0, 3.0)))
+    from dataclasses import replace
+
+    last, _ = ahdmil._step2_try(dmin, bags[:4], bags[4:], replace(config, seed=config.seed + 2))
+    for name, value in last.lipn.state_dict().items():  # the third try is the run with seed + 2
+        torch.testing.assert_close(model.lipn.state_dict()[name], value, rtol=0, atol=0)
+    row = ahdmil.gate_row(3, history, tries, bags[4:], dmin, config)
     own = ahdmil.score_bags(bags[4:], ahdmil.predict_dmin_own_mask(dmin))["keep_rate"]
-    assert row == {"split": 3, "gate": [2.0, 3.0], "best_epoch": None, "gate_passed": False,
+    assert row == {"split": 3, "gate": [2.0, 3.0], "tries": 3, "best_epoch": None, "gate_passed": False,
                    "val_keep_rate_last": history.rows[-1]["val_keep_rate"],
                    "dmin_own_mask_val_keep_rate": own}
 

@@ -54,8 +54,10 @@ branches are mixed by cross-EMA, θ_b ← (1 − λ) θ_b + λ mean_{b' ≠ b} �
 1. ``baseline.py`` imports ``AHDMIL`` from ``Joint.py``, which defines ``HADMIL`` (ImportError):
    here one module and one name, :class:`AHDMIL`.
 2. ``Joint.valid`` lowers ``args.lower_ratio``, which does not exist (AttributeError): the
-   keep-rate gate ``keep_bounds`` is fixed for a run. When no epoch passes it, the last weights
-   are kept and a warning says so (the authors re-initialise everything and start over).
+   keep-rate gate ``keep_bounds`` is fixed for a run. When no epoch passes it, step 2 starts
+   again from the step-1 DMIN with a new DB-LIPN and new optimisers, as the authors' ``multi_init``
+   does, but at most ``step2_restarts`` times (theirs: until 200 epochs in all); after the last
+   try the last weights are kept and a warning says so.
 3. Step 1 lives in another repository whose checkpoints must be moved by hand, and its instance
    loss needs the unvendored ``topk`` package: both steps are here, and L_inst is CLAM's instance
    loss with cross-entropy (:func:`~mini_kd.mil.topk_instance_loss`) instead of the smooth
@@ -168,6 +170,7 @@ class AHDMILConfig:
     step2_epochs: int = 200
     step2_patience: int | None = 5
     keep_bounds: tuple[float, float] = (0.3, 1.0)
+    step2_restarts: int = 2               # fresh DB-LIPNs tried when no epoch passes the gate
     min_keep: int = 1                     # tiles a class keeps when its mask keeps none
     # the ABMIL baseline on all tiles
     abmil_hidden: int = 128
@@ -724,9 +727,24 @@ def train_step2(dmin: DMIN, train: list[Bag], val: list[Bag], config: AHDMILConf
     """Step 2 on a copy of ``dmin``: per slide one DB-LIPN update, then one DMIN update.
 
     A checkpoint is kept only when the validation loss improves *and* the validation keep rate
-    lies in ``keep_bounds``; when no epoch passes, the last weights stay (``best_epoch`` is None
-    in the history, and a warning says so).
+    lies in ``keep_bounds``. When no epoch passes, step 2 starts again from ``dmin`` with a new
+    DB-LIPN (seed + 1, + 2, ...), at most ``step2_restarts`` times; if none passes, the last
+    weights stay (``best_epoch`` is None in the history, and a warning says so).
+
+    Returns (model, the last try's history, the number of tries).
     """
+    for tries in range(1, config.step2_restarts + 2):
+        model, history = _step2_try(dmin, train, val, replace(config, seed=config.seed + tries - 1))
+        if history.best_epoch is not None:
+            return model, history, tries
+    low, high = config.keep_bounds
+    warnings.warn(f"no step-2 epoch of {tries} tries had a validation keep rate in "
+                  f"[{low}, {high}]; the last weights are kept", stacklevel=2)
+    return model, history, tries
+
+
+def _step2_try(dmin: DMIN, train: list[Bag], val: list[Bag], config: AHDMILConfig):
+    """One run of step 2 from ``dmin`` with a DB-LIPN drawn from ``config.seed``."""
     seed_everything(config.seed)
     lipn = DBLIPN(config.n_classes, train[0].crops.shape[-1], config.num_branches, config.norm)
     model = AHDMIL(copy.deepcopy(dmin), lipn, config.min_keep)
@@ -745,9 +763,6 @@ def train_step2(dmin: DMIN, train: list[Bag], val: list[Bag], config: AHDMILConf
                   val_step=ahdmil_val_step, val_data=[bag.item() for bag in val],
                   accept=lambda v: low <= v["val_keep_rate"] <= high,
                   on_epoch_end=lambda m, epoch: cross_ema(m.lipn.branches, config.lipn_ema))
-    if history.best_epoch is None:
-        warnings.warn(f"no step-2 epoch had a validation keep rate in [{low}, {high}]; the last "
-                      "weights are kept", stacklevel=2)
     return model.cpu().eval(), history
 
 
@@ -1034,13 +1049,14 @@ def time_pipelines(cohort, slide_ids, predictors: dict) -> list[dict]:
     return rows
 
 
-def gate_row(split: int, step2, val: list[Bag], dmin: DMIN, config: AHDMILConfig) -> dict:
+def gate_row(split: int, step2, tries: int, val: list[Bag], dmin: DMIN,
+             config: AHDMILConfig) -> dict:
     """Did step 2 pass its keep-rate gate on this split? The epoch kept (None: none passed and
     the last weights are scored), the screen's last validation keep rate, and the keep rate of
     DMIN's own mask on the same validation slides (what the screen imitates)."""
     own = score_bags(val, predict_dmin_own_mask(dmin, config.min_keep))["keep_rate"]
-    return {"split": split, "gate": list(config.keep_bounds), "best_epoch": step2.best_epoch,
-            "gate_passed": step2.best_epoch is not None,
+    return {"split": split, "gate": list(config.keep_bounds), "tries": tries,
+            "best_epoch": step2.best_epoch, "gate_passed": step2.best_epoch is not None,
             "val_keep_rate_last": step2.rows[-1]["val_keep_rate"], "dmin_own_mask_val_keep_rate": own}
 
 
@@ -1113,7 +1129,7 @@ def _run_experiment(preset: str, config: AHDMILConfig | None, timing: bool,
         train, val, test = ([bags[s] for s in split[part]] for part in ("train", "val", "test"))
         abmil, _ = train_abmil(train, val, config)
         dmin, step1 = train_step1(train, val, config)
-        model, step2 = train_step2(dmin, train, val, config)
+        model, step2, tries = train_step2(dmin, train, val, config)
         linear, _ = train_step1(train, val, replace(config, head="linear"))
         predictors = {"abmil": predict_abmil(abmil), "dmin_all": predict_dmin_all(dmin),
                       "dmin_own_mask": predict_dmin_own_mask(dmin, config.min_keep),
@@ -1122,7 +1138,7 @@ def _run_experiment(preset: str, config: AHDMILConfig | None, timing: bool,
                       "dmin_own_mask_linear": predict_dmin_own_mask(linear, config.min_keep)}
         for name, predict in predictors.items():
             experiment.runs.append({"split": r, "model": name, **score_bags(test, predict)})
-        experiment.gates.append(gate_row(r, step2, val, dmin, config))
+        experiment.gates.append(gate_row(r, step2, tries, val, dmin, config))
         if r > 0:
             continue
         experiment.history = {"step1": step1.rows, "step2": step2.rows,
