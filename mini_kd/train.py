@@ -40,6 +40,7 @@ import random
 import time
 import types
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -442,11 +443,12 @@ def _save_checkpoint(directory: Path, model, optimizers: dict, history: History,
                      improved: bool) -> None:
     if improved:  # best.pt first, so last.pt never points at a best epoch that is not on disk
         write_checkpoint({"model": history.best_state, "epoch": history.best_epoch,
-                      "score": history.best_score, "monitor": history.monitor}, directory / "best.pt")
+                          "score": history.best_score, "monitor": history.monitor},
+                         directory / "best.pt")
     write_checkpoint({"model": model.state_dict(),
-                  "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-                  "history": history.to_dict(),
-                  "rng": _rng_state(generators)}, directory / "last.pt")
+                      "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                      "history": history.to_dict(),
+                      "rng": _rng_state(generators)}, directory / "last.pt")
 
 
 def _resume(directory: Path, model, optimizers: dict, generators) -> History:
@@ -493,6 +495,16 @@ def read_checkpoint(path, kind: str, how: str) -> dict:
     if not isinstance(saved, dict):
         raise MiniKDError(f"{path} holds a {type(saved).__name__}, not a {kind} checkpoint; {how}")
     return saved
+
+
+@contextmanager
+def foreign_checkpoint(path, kind: str, how: str):
+    """Inside the block, an error of :data:`CHECKPOINT_ERRORS` (a missing key, weights of another
+    shape) becomes one :class:`MiniKDError`: "``path`` is not ``kind`` (...); ``how``"."""
+    try:
+        yield
+    except CHECKPOINT_ERRORS as error:
+        raise MiniKDError(f"{path} is not {kind} ({type(error).__name__}: {error}); {how}") from error
 
 
 def load_checkpoint(path, model: nn.Module) -> dict:

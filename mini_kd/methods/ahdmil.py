@@ -127,7 +127,7 @@ from mini_kd.kan import ChebyKAN
 from mini_kd.mil import ABMIL, AttentionPool, InstanceClassifier, masked_softmax, topk_instance_loss
 from mini_kd.phantom import TUMOUR
 from mini_kd.progress import progress
-from mini_kd.train import (CHECKPOINT_ERRORS, FitConfig, fit, pick_device, read_checkpoint,
+from mini_kd.train import (FitConfig, fit, foreign_checkpoint, pick_device, read_checkpoint,
                            seed_everything, write_checkpoint)
 
 
@@ -922,7 +922,8 @@ def load_model(checkpoint) -> tuple[AHDMIL, nn.Module, dict]:
     path = Path(checkpoint)
     saved = read_checkpoint(path, "AHDMIL", "train one (notebook 04 or ahdmil.run_experiment "
                                             "saves it) or fix the path")
-    try:
+    with foreign_checkpoint(path, "an AHDMIL checkpoint",
+                            "use a file written by mini_kd.methods.ahdmil.save_checkpoint"):
         if saved.get("format") != CHECKPOINT_FORMAT:
             raise KeyError("format")
         dmin, lipn = DMIN(**saved["dmin_args"]), DBLIPN(**saved["lipn_args"])
@@ -933,9 +934,6 @@ def load_model(checkpoint) -> tuple[AHDMIL, nn.Module, dict]:
         encoder.load_state_dict(saved["encoder"]["state_dict"])
         model = AHDMIL(dmin, lipn, saved["min_keep"])
         geometry = dict(saved["geometry"])
-    except CHECKPOINT_ERRORS as error:  # a foreign or damaged file
-        raise MiniKDError(f"{path} is not an AHDMIL checkpoint ({type(error).__name__}: {error}); "
-                          "use a file written by mini_kd.methods.ahdmil.save_checkpoint") from error
     return model.eval(), encoder.eval(), geometry
 
 

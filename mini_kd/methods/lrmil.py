@@ -91,7 +91,7 @@ from mini_kd.progress import progress
 from mini_kd.slides import open_slide
 from mini_kd.tiling import MASK_MAG, TileGrid, coarse_grid, tile_grid
 from mini_kd.tissue import tissue_mask
-from mini_kd.train import (CHECKPOINT_ERRORS, FitConfig, fit, freeze, pick_device,
+from mini_kd.train import (FitConfig, fit, foreign_checkpoint, freeze, pick_device,
                            read_checkpoint, seed_everything, write_checkpoint)
 
 
@@ -726,7 +726,8 @@ def load_predictor(checkpoint, device: str | None = None) -> SlidePredictor:
     path = Path(checkpoint)
     saved = read_checkpoint(path, "LRMIL", "train one (notebook 03 or lrmil.run_experiment saves "
                                            "it) or fix the path")
-    try:
+    with foreign_checkpoint(path, "an LRMIL checkpoint",
+                            "use a file written by mini_kd.methods.lrmil.save_checkpoint"):
         if saved.get("method") != "lrmil":
             raise KeyError("method")
         encoder = build_encoder(saved["encoder"]["name"], pretrained=False,
@@ -737,9 +738,6 @@ def load_predictor(checkpoint, device: str | None = None) -> SlidePredictor:
         student.load_state_dict(s["state_dict"])
         geometry = saved["geometry"]
         mag, tile_size, min_tissue = geometry["mag"], geometry["tile_size"], geometry["min_tissue"]
-    except CHECKPOINT_ERRORS as error:  # a foreign or damaged file
-        raise MiniKDError(f"{path} is not an LRMIL checkpoint ({type(error).__name__}: {error}); "
-                          "use a file written by mini_kd.methods.lrmil.save_checkpoint") from error
     return SlidePredictor(encoder, student, mag, tile_size, min_tissue, device=device,
                           geometry=geometry)
 

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mini_kd.data import PairedViews, downsample_views, paired_transform, region_views, to_tensor
+from mini_kd.data import PairedViews, paired_transform, region_views, to_tensor
 from mini_kd.encoders import TinyResNetGN
 from mini_kd.errors import MiniKDError
 from mini_kd.evaluate import StageTimer, bootstrap_ci, classification_metrics, count_flops, plain
@@ -85,8 +85,8 @@ from mini_kd.paths import data_dir
 from mini_kd.progress import progress
 from mini_kd.slides import open_slide
 from mini_kd.tiling import tile_grid
-from mini_kd.train import (CHECKPOINT_ERRORS, FitConfig, fit, freeze, load_checkpoint, pick_device,
-                           read_checkpoint, seed_everything, write_checkpoint)
+from mini_kd.train import (FitConfig, fit, foreign_checkpoint, freeze, load_checkpoint,
+                           pick_device, read_checkpoint, seed_everything, write_checkpoint)
 
 CLASSES = ("normal", "mimic", "tumour")  # region class c = phantom label-map code c + 1
 MIN_INPUT_PX = 8  # smallest side a TinyResNetGN input may have, see check_input_size
@@ -737,14 +737,12 @@ def load_predictor(checkpoint):
     path = Path(checkpoint)
     saved = read_checkpoint(path, "ResKD", "run reskd.run_experiment first (it writes predictor.pt "
                                            "next to each student's checkpoints)")
-    try:
+    with foreign_checkpoint(path, "a ResKD predictor",
+                            "pass a predictor.pt written by mini_kd.methods.reskd.save_predictor"):
         model = TinyResNetGN(n_classes=len(saved["classes"]))
         model.load_state_dict(saved["model"])
         mag, side = saved["hr_mag"] / saved["factor"], saved["region_size"] // saved["factor"]
         tumour, min_tissue = saved["classes"].index("tumour"), saved["min_tissue"]
-    except CHECKPOINT_ERRORS as error:  # a foreign or damaged file
-        raise MiniKDError(f"{path} is not a ResKD predictor ({type(error).__name__}: {error}); pass "
-                          "a predictor.pt written by mini_kd.methods.reskd.save_predictor") from error
     model.eval()
 
     def predictor(slide_path, mpp: float | None = None) -> dict:
