@@ -23,6 +23,10 @@ test: install
 data: install
 	$(VENV)/bin/mini-kd fetch-sample
 
+# Notebooks execute through jupyter-cache (book/_build/.jupyter_cache): a rebuild re-runs only a
+# notebook whose code cells changed, and all of them when mini_kd/**/*.py or MINI_KD_DATA /
+# MINI_KD_COHORT changed (book/_ext/execution_cache.py keeps the key in .jupyter_cache.key).
+# A prose-only edit re-executes nothing; `make clean` forgets every result.
 book: data
 	$(VENV)/bin/jupyter-book build book
 	@echo "open book/_build/html/index.html"
