@@ -21,7 +21,7 @@ raises :class:`~mini_kd.errors.MiniKDError` with a message that says how to fix 
 
 from __future__ import annotations
 
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from mini_kd.errors import MiniKDError
 MPP_RANGE = (0.05, 20.0)  # µm/px a real scan can have; outside it the metadata is wrong
 LEVEL_TOLERANCE = 0.01  # a level at downsample 4.002 serves a request for 4
 BACKGROUND = 255  # out-of-slide pixels are white glass, not black
-READ_WINDOW = 1024  # level pixels per side of the regions read_tiles decodes at once
+DECODE_THREADS = 2  # threads per reader decoding stored tiles (the decoder releases the GIL)
 
 
 def _check_complete(path: Path, tif: tifffile.TiffFile) -> None:
@@ -134,28 +134,42 @@ class Slide:
         return max(fine_enough) if fine_enough else 0
 
     # -- reading --------------------------------------------------------------------------------
-    def _read_level(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        """Pixels of ``level`` starting at level-0 (x, y); outside the slide is white."""
+    decode_threads = DECODE_THREADS  # threads decoding stored tiles; set on a slide to change it
+
+    def _stored_grid(self, level: int) -> _StoredGrid:
+        """How ``level`` is stored in the file, checked to hold pixels we can give as RGB."""
+        series = self._tiff.ts_tifffile.series[self._tiff.properties["tiffslide.series-index"]]
+        page = series.levels[level].keyframe  # the page tiffslide reads for this level
+        _check_pixels(page, self.path)
+        return _StoredGrid(page)
+
+    def _read_level(self, x, y, level: int, width: int, height: int) -> np.ndarray:
+        """uint8 (N, height, width, 3): the regions of ``level`` at level-0 corners (x, y), (N,) each.
+
+        A region starts at level pixel (trunc(x / d), trunc(y / d)) for the level's downsample d,
+        as tiffslide and openslide map it; outside the slide it is white. Every stored tile that
+        some region overlaps is read from the file and decoded once -- on
+        :attr:`decode_threads` threads, since the decoder releases the GIL -- and its pixels are
+        copied into each region that overlaps it.
+        """
+        grid = self._stored_grid(level)
         level_ds = self.level_downsamples[level]
-        level_w, level_h = self.level_dimensions[level]
-        x0, y0 = int(x / level_ds), int(y / level_ds)  # tiffslide's own level coordinates
-        outside = x0 < 0 or y0 < 0 or x0 + width > level_w or y0 + height > level_h
-        try:
-            with warnings.catch_warnings(record=outside):  # we pad with white: no need to warn
-                region = self._tiff.read_region((x, y), level, (width, height), as_array=True)
-        except Exception as error:
-            raise MiniKDError(
-                f"cannot decode the region at ({x}, {y}) of {self.path} "
-                f"({type(error).__name__}: {error}); the file may be corrupt: download it again"
-            ) from error
-        if region.shape[-1] != 3 or region.dtype != np.uint8:
-            region = region[..., :3].astype(np.uint8)  # (h, w, 3), drop alpha
-        if outside:
-            region[:, : max(0, -x0)] = BACKGROUND
-            region[: max(0, -y0)] = BACKGROUND
-            region[:, max(0, level_w - x0):] = BACKGROUND
-            region[max(0, level_h - y0):] = BACKGROUND
-        return region
+        x0 = np.trunc(np.asarray(x, dtype=np.int64) / level_ds).astype(np.int64).tolist()  # (N,)
+        y0 = np.trunc(np.asarray(y, dtype=np.int64) / level_ds).astype(np.int64).tolist()  # (N,)
+        regions = np.full((len(x0), height, width, 3), BACKGROUND, np.uint8)
+        overlaps = grid.overlaps(x0, y0, width, height)  # stored tile -> regions it reaches
+
+        def paste(data: bytes | None, index: int) -> None:
+            if data is not None:  # a tile the file leaves empty stays white
+                grid.paste(_decode(grid.page, data, index, self.path), index, regions,
+                           overlaps[index], x0, y0)
+
+        page, file = grid.page, self._tiff.ts_tifffile.filehandle
+        segments = file.read_segments([page.dataoffsets[i] for i in overlaps],
+                                      [page.databytecounts[i] for i in overlaps],
+                                      list(overlaps), lock=file.lock)  # (bytes, index), file order
+        _each(paste, segments, self.decode_threads if len(overlaps) > 1 else 1)
+        return regions
 
     def _plan(self, size: int, mag: float) -> tuple[int, int]:
         """(level to read, pixels to read there) for a ``size``-px tile at ``mag``."""
@@ -167,31 +181,25 @@ class Slide:
     def read(self, x: int, y: int, size: int, mag: float) -> np.ndarray:
         """uint8 (size, size, 3): the level-0 square at (x, y) with footprint size·mag_0/mag."""
         level, side = self._plan(size, mag)
-        region = self._read_level(int(x), int(y), level, side, side)  # (side, side, 3)
+        region = self._read_level([int(x)], [int(y)], level, side, side)[0]  # (side, side, 3)
         return region if side == size else _resize(region, (size, size))
 
     def read_tiles(self, coords: np.ndarray, size: int, mag: float) -> np.ndarray:
         """uint8 (N, size, size, 3) for the level-0 top-left corners ``coords`` (N, 2).
 
-        Equal to ``read`` tile by tile, but tiles are read in windows of about
-        :data:`READ_WINDOW` level pixels, one ``read_region`` per window, and cut out of it:
-        a stored (JPEG) tile that several small tiles share is decoded once, not once per tile.
+        Equal to ``read`` tile by tile, but each stored (JPEG) tile of the level that the batch
+        overlaps is decoded exactly once and cut into every tile that needs it: a dense batch
+        decodes each stored tile once (not once per small tile touching it), a sparse one -- the
+        few tiles a screen keeps -- only the stored tiles under them.
         """
         level, side = self._plan(size, mag)
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-        at_level = np.trunc(coords / self.level_downsamples[level]).astype(np.int64)  # as tiffslide
-        window = side * max(1, READ_WINDOW // side)
-        _, group = np.unique(at_level // window, axis=0, return_inverse=True)
+        regions = self._read_level(coords[:, 0], coords[:, 1], level, side, side)  # (N, side, side, 3)
+        if side == size:
+            return regions
         tiles = np.empty((len(coords), size, size, 3), dtype=np.uint8)
-        for members in _groups(group.reshape(-1)):
-            first = at_level[members].min(axis=0)  # (2,) the window's corner at this level
-            width, height = at_level[members].max(axis=0) - first + side
-            x0 = coords[members[at_level[members, 0].argmin()], 0]  # level-0 x mapping to first[0]
-            y0 = coords[members[at_level[members, 1].argmin()], 1]
-            region = self._read_level(int(x0), int(y0), level, int(width), int(height))
-            for i, (dx, dy) in zip(members, at_level[members] - first):
-                tile = region[dy: dy + side, dx: dx + side]
-                tiles[i] = tile if side == size else _resize(np.ascontiguousarray(tile), (size, size))
+        for tile, region in zip(tiles, regions):
+            tile[:] = _resize(region, (size, size))
         return tiles
 
     def thumbnail(self, mag: float) -> np.ndarray:
@@ -199,7 +207,7 @@ class Slide:
         downsample = self.downsample(mag)
         level = self.level_for(downsample)
         width, height = self.level_dimensions[level]
-        image = self._read_level(0, 0, level, width, height)
+        image = self._read_level([0], [0], level, width, height)[0]  # (height, width, 3)
         target = (max(1, round(self.dimensions[0] / downsample)),
                   max(1, round(self.dimensions[1] / downsample)))
         return image if (width, height) == target else _resize(image, target)
@@ -220,10 +228,90 @@ class Slide:
                 f"{self.magnification:g}x, {self.level_count} levels)")
 
 
-def _groups(labels: np.ndarray) -> list[np.ndarray]:
-    """Indices of each distinct value of ``labels`` (N,), one array per value."""
-    order = np.argsort(labels, kind="stable")
-    return np.split(order, np.flatnonzero(np.diff(labels[order])) + 1)
+GREY = tifffile.PHOTOMETRIC.MINISBLACK
+COLOUR = (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)  # tifffile decodes YCbCr to RGB
+
+
+def _check_pixels(page: tifffile.TiffPage, path: Path) -> None:
+    """Raise unless ``page`` stores 8-bit RGB(A) or grey(+alpha) samples."""
+    convert = "convert it to 8-bit RGB (e.g. with vips or tifffile) and open the copy"
+    if page.dtype != np.uint8:
+        raise MiniKDError(f"{path} stores {page.bitspersample}-bit {page.dtype} samples; mini_kd "
+                          f"reads 8-bit slides: {convert}")
+    samples = page.samplesperpixel
+    grey = page.photometric == GREY and samples in (1, 2)
+    colour = page.photometric in COLOUR and samples >= 3
+    if not (grey or colour):
+        raise MiniKDError(f"{path} stores its pixels as {tifffile.PHOTOMETRIC(page.photometric).name} "
+                          f"with {samples} sample(s) per pixel; mini_kd reads RGB and greyscale "
+                          f"slides: {convert}")
+
+
+class _StoredGrid:
+    """A level as the file stores it: row-major tiles (or full-width strips) of
+    ``tile_height x tile_width`` pixels, ``per_row`` per row; stored tile i covers the level
+    pixels from (i mod per_row · tile_width, ⌊i / per_row⌋ · tile_height), clipped to the level."""
+
+    def __init__(self, page: tifffile.TiffPage):
+        self.page = page
+        self.width, self.height = page.imagewidth, page.imagelength  # level pixels
+        self.tile_height, self.tile_width = page.chunks[:2]
+        self.per_row = page.chunked[1]
+
+    def origin(self, index: int) -> tuple[int, int]:
+        """Level (x, y) of the top-left pixel of stored tile ``index``."""
+        return (index % self.per_row) * self.tile_width, (index // self.per_row) * self.tile_height
+
+    def overlaps(self, x0: list, y0: list, width: int, height: int) -> dict[int, list[int]]:
+        """{stored tile: the regions it overlaps} for regions i covering [x0_i, x0_i + width) x
+        [y0_i, y0_i + height) of the level; regions wholly outside the level overlap none."""
+        overlaps: dict[int, list[int]] = {}
+        for i, (x, y) in enumerate(zip(x0, y0)):
+            left, right = max(x, 0), min(x + width, self.width)
+            top, bottom = max(y, 0), min(y + height, self.height)
+            if left >= right or top >= bottom:
+                continue
+            for row in range(top // self.tile_height, (bottom - 1) // self.tile_height + 1):
+                for column in range(left // self.tile_width, (right - 1) // self.tile_width + 1):
+                    overlaps.setdefault(row * self.per_row + column, []).append(i)
+        return overlaps
+
+    def paste(self, tile: np.ndarray, index: int, regions: np.ndarray, members: list[int],
+              x0: list, y0: list) -> None:
+        """Copy decoded stored tile ``index`` (h, w, samples) into each of ``regions[members]``
+        (N, height, width, 3) where they overlap inside the level; grey is repeated into R, G, B."""
+        left, top = self.origin(index)
+        right = min(left + tile.shape[1], self.width)  # edge tiles are stored padded: drop it
+        bottom = min(top + tile.shape[0], self.height)
+        pixels = tile[..., :3] if tile.shape[-1] >= 3 else tile[..., :1]  # alpha dropped
+        height, width = regions.shape[1:3]
+        for i in members:
+            xa, xb = max(left, x0[i]), min(right, x0[i] + width)
+            ya, yb = max(top, y0[i]), min(bottom, y0[i] + height)
+            regions[i, ya - y0[i]: yb - y0[i], xa - x0[i]: xb - x0[i]] = \
+                pixels[ya - top: yb - top, xa - left: xb - left]  # (h', w', 3 or 1 -> 3)
+
+
+def _decode(page: tifffile.TiffPage, data: bytes, index: int, path: Path) -> np.ndarray:
+    """(h, w, samples): stored tile ``index`` of ``page`` decoded by tifffile's codec (imagecodecs)."""
+    try:
+        tile = page.decode(data, index, jpegtables=page.jpegtables)[0]  # (1, h, w, samples)
+    except Exception as error:  # each codec raises its own type for damaged data
+        raise MiniKDError(
+            f"cannot decode stored tile {index} of {path} ({type(error).__name__}: {error}); "
+            "the file may be corrupt: download it again") from error
+    return tile.reshape(tile.shape[-3:])
+
+
+def _each(function, items, threads: int) -> None:
+    """``function(*item)`` for every item, on ``threads`` threads (inline for one); errors propagate."""
+    if threads <= 1:
+        for item in items:
+            function(*item)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for done in [pool.submit(function, *item) for item in items]:
+            done.result()
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
