@@ -16,6 +16,7 @@ import argparse
 import csv
 import importlib
 import sys
+import warnings
 from pathlib import Path
 
 from mini_kd.errors import MiniKDError
@@ -35,8 +36,10 @@ def _tile(args) -> None:
     from mini_kd.slides import open_slide
     from mini_kd.tiling import tile_grid
 
+    _check_not_an_input(Path(args.out), [Path(args.slide)])
     with open_slide(args.slide, mpp=args.mpp, magnification=args.magnification) as slide:
-        grid = tile_grid(slide, args.mag, args.tile_size, min_tissue=args.min_tissue)
+        grid = tile_grid(slide, args.mag, args.tile_size, min_tissue=args.min_tissue,
+                         allow_upsampling=args.allow_upsampling)
     path = grid.save(args.out)
     print(f"{grid} -> {path}")
 
@@ -44,6 +47,12 @@ def _tile(args) -> None:
 def _phantom(args) -> None:
     from mini_kd.phantom import make_cohort
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MiniKDError(f"{out} is a file; give a folder for the phantom cohort")
+    if (out / "labels.csv").is_file() and not (out / "cohort.json").is_file():
+        raise MiniKDError(f"{out} holds a cohort that is not a phantom (labels.csv, no cohort.json); "
+                          "writing the phantom there would replace its labels: choose another folder")
     cohort = make_cohort(args.out, n_slides=args.slides, seed=args.seed,
                          difficulty=args.difficulty, slide_size=args.size)
     print(f"{len(cohort.slides)} phantom slides in {cohort.root}")
@@ -60,6 +69,8 @@ def _real_cohort(args) -> None:
 def _fetch_sample(args) -> None:
     from mini_kd.sample import fetch_sample_slide, sample_pyramid
 
+    if args.data_dir and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        raise MiniKDError(f"--data-dir {args.data_dir} is a file; give a folder (it is created if needed)")
     print(fetch_sample_slide(args.data_dir, source=args.source))
     print(sample_pyramid(args.data_dir))
 
@@ -68,6 +79,8 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs")
 
 
 def _slides_in(path: Path) -> list[Path]:
+    if not path.exists():
+        raise MiniKDError(f"no slide or folder at {path}: check the path")
     if path.is_dir():
         slides = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
         if not slides:
@@ -79,8 +92,11 @@ def _slides_in(path: Path) -> list[Path]:
 def _predict(args) -> None:
     module = importlib.import_module(f"mini_kd.methods.{args.method}")
     predictor = module.load_predictor(args.checkpoint)
+    slides = _slides_in(Path(args.slide))
+    if args.out:
+        _check_not_an_input(Path(args.out), [Path(args.checkpoint), *slides])
     rows = []
-    for slide in _slides_in(Path(args.slide)):
+    for slide in slides:
         row = predictor(slide, mpp=args.mpp)  # {"slide_id", "label", "probability", "seconds": {...}, ...}
         seconds = row.pop("seconds")
         print(f"{row['slide_id']}: label {row['label']}, probability {row['probability']:.3f}"
@@ -90,6 +106,7 @@ def _predict(args) -> None:
               + f", total {sum(seconds.values()):.3f}")
         rows.append({**row, **{f"seconds_{k}": v for k, v in seconds.items()}})
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -97,10 +114,39 @@ def _predict(args) -> None:
         print(f"{len(rows)} predictions -> {args.out}")
 
 
+def _check_not_an_input(out: Path, inputs: list[Path]) -> None:
+    """Refuse an output path that is one of the user's inputs: writing it would destroy that input."""
+    if out.is_dir():
+        raise MiniKDError(f"--out {out} is a folder; give a file name inside it")
+    for given in inputs:
+        if out.exists() and given.exists() and out.samefile(given):
+            raise MiniKDError(f"--out {out} is an input ({given}); writing it would destroy the "
+                              "input: choose another file name")
+
+
+def _number(kind, low: float, high: float, what: str):
+    """An argparse type: ``kind`` (int or float) in [low, high], or a one-line usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    return parse
+
+
+tile_size_type = _number(int, 1, 1 << 20, "a tile size in pixels (a whole number >= 1)")
+fraction_type = _number(float, 0.0, 1.0, "a fraction in [0, 1]")
+magnification_type = _number(float, 0.001, 1000.0, "a magnification such as 20 or 1.25")
+
+
 def _slide_arguments(parser) -> None:
     parser.add_argument("slide", help="path to a slide file (SVS, TIFF, ...)")
     parser.add_argument("--mpp", type=float, help="override the slide's µm/px")
-    parser.add_argument("--magnification", type=float, help="override level 0's magnification")
+    parser.add_argument("--magnification", type=magnification_type,
+                        help="override level 0's magnification")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,9 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     tile = commands.add_parser("tile", help="tile a slide at one magnification")
     _slide_arguments(tile)
-    tile.add_argument("--mag", type=float, default=20.0)
-    tile.add_argument("--tile-size", type=int, default=256)
-    tile.add_argument("--min-tissue", type=float, default=0.5)
+    tile.add_argument("--mag", type=magnification_type, default=20.0)
+    tile.add_argument("--tile-size", type=tile_size_type, default=256)
+    tile.add_argument("--min-tissue", type=fraction_type, default=0.5,
+                      help="fraction of each tile that must be tissue, in [0, 1]")
+    tile.add_argument("--allow-upsampling", action="store_true",
+                      help="allow --mag above the slide's own (the tiles are interpolated: no detail is gained)")
     tile.add_argument("--out", required=True, help="HDF5 file to write")
     tile.set_defaults(run=_tile)
 
@@ -150,13 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"mini-kd: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except MiniKDError as error:
-        print(f"mini-kd: error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning  # one line, as errors; restored on leaving the block
+        try:
+            args.run(args)
+        except MiniKDError as error:
+            print(f"mini-kd: error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -528,10 +528,16 @@ def load_cohort(root) -> Cohort:
     ``data_scripts/`` (same layout). Every slide of ``labels.csv`` must be in ``slides/``."""
     root = Path(root)
     path = root / "labels.csv"
+    make_one = ("generate a cohort with make_cohort (or `mini-kd phantom`) or download one with "
+                "data_scripts/")
+    if not root.is_dir():
+        raise MiniKDError(f"no cohort folder at {root} (a folder with slides/ and labels.csv); {make_one}")
     if not path.is_file():
-        raise MiniKDError(f"no labels.csv in {root}; generate a cohort with make_cohort "
-                          "(or `mini-kd phantom`) or download one with data_scripts/")
+        raise MiniKDError(f"no labels.csv in {root}; {make_one}")
     cohort = Cohort(root, _read_labels(root))
+    if not (root / "slides").is_dir():
+        raise MiniKDError(f"{root} has no slides/ folder; put the slides listed in {path} in "
+                          f"{root / 'slides'} as <slide_id>.svs (or .tif, ...)")
     missing = _missing_slides(cohort)
     if missing:
         raise MiniKDError(f"{len(missing)} slides of {path} are missing from {root / 'slides'} "
@@ -544,10 +550,55 @@ def _missing_slides(cohort: Cohort) -> list[str]:
     return [slide_id for slide_id in cohort.ids() if not cohort.slide_path(slide_id).is_file()]
 
 
+LABEL_COLUMNS = ("slide_id", "label", "split")
+SPLITS = ("train", "val", "test")
+
+
 def _read_labels(root: Path) -> list[dict]:
-    with open(root / "labels.csv", newline="") as file:
-        return [dict(slide_id=row["slide_id"], label=int(row["label"]), split=row["split"])
-                for row in csv.DictReader(file)]
+    """The rows of ``root/labels.csv`` (slide_id, label 0 or 1, split), checked: every column is
+    there, ids are unique, labels are 0 or 1 and both occur, splits are train, val or test."""
+    path = root / "labels.csv"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:  # -sig: a spreadsheet's BOM
+            reader = csv.DictReader(file)
+            absent = [column for column in LABEL_COLUMNS if column not in (reader.fieldnames or [])]
+            if absent:
+                raise MiniKDError(f"{path} has no column {', '.join(absent)} (its header is "
+                                  f"{','.join(reader.fieldnames or []) or 'empty'}); the first line "
+                                  f"must be {','.join(LABEL_COLUMNS)}")
+            rows = [_label_row(path, line, row) for line, row in enumerate(reader, start=2)
+                    if any(row.values())]  # blank lines are skipped
+    except UnicodeDecodeError:
+        raise MiniKDError(f"{path} is not a text CSV file; write it as UTF-8 text with the header "
+                          f"{','.join(LABEL_COLUMNS)}") from None
+    if not rows:
+        raise MiniKDError(f"{path} lists no slides; add one row per slide: slide_id,label,split")
+    ids = [row["slide_id"] for row in rows]
+    repeated = sorted({slide_id for slide_id in ids if ids.count(slide_id) > 1})
+    if repeated:
+        raise MiniKDError(f"{path} lists {repeated[0]!r} more than once ({len(repeated)} repeated "
+                          "id(s)); keep one row per slide")
+    classes = {row["label"] for row in rows}
+    if len(classes) < 2:
+        raise MiniKDError(f"every slide of {path} has label {classes.pop()}; training and evaluation "
+                          "need slides of both classes (0 normal, 1 tumour)")
+    return rows
+
+
+def _label_row(path: Path, line: int, row: dict) -> dict:
+    """One checked row of labels.csv (``line`` counts the header as line 1)."""
+    missing = [column for column in LABEL_COLUMNS if row.get(column) in (None, "")]
+    if missing:
+        raise MiniKDError(f"line {line} of {path} has no {', '.join(missing)}; the file needs the "
+                          f"header {','.join(LABEL_COLUMNS)} and a value in every column")
+    label, split = row["label"].strip(), row["split"].strip()
+    if label not in ("0", "1"):
+        raise MiniKDError(f"line {line} of {path} has label {label!r}; a label is 0 (normal) or "
+                          "1 (tumour)")
+    if split not in SPLITS:
+        raise MiniKDError(f"line {line} of {path} has split {split!r}; a split is one of "
+                          f"{', '.join(SPLITS)}")
+    return dict(slide_id=row["slide_id"].strip(), label=int(label), split=split)
 
 
 def ensure_cohort(root, **config) -> Cohort:

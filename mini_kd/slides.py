@@ -21,7 +21,11 @@ raises :class:`~mini_kd.errors.MiniKDError` with a message that says how to fix 
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
+import struct
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +36,32 @@ from PIL import Image
 from mini_kd.errors import MiniKDError
 
 MPP_RANGE = (0.05, 20.0)  # µm/px a real scan can have; outside it the metadata is wrong
+MAGNIFICATION_RANGE = (10 / MPP_RANGE[1], 10 / MPP_RANGE[0])  # the same range as objective power
 LEVEL_TOLERANCE = 0.01  # a level at downsample 4.002 serves a request for 4
 BACKGROUND = 255  # out-of-slide pixels are white glass, not black
 DECODE_THREADS = 2  # threads per reader decoding stored tiles (the decoder releases the GIL)
 
 
+def _first_page_offset(tif: tifffile.TiffFile) -> int:
+    """The byte offset of the first page (IFD) that the TIFF header points to."""
+    big = tif.tiff.version == 43  # BigTIFF: 8-byte offset at byte 8; classic TIFF: 4 bytes at byte 4
+    tif.filehandle.seek(8 if big else 4)
+    return struct.unpack(tif.tiff.byteorder + ("Q" if big else "I"), tif.filehandle.read(8 if big else 4))[0]
+
+
 def _check_complete(path: Path, tif: tifffile.TiffFile) -> None:
-    """Raise when the TIFF's image data runs past the end of the file (an interrupted download)."""
+    """Raise when the TIFF has no readable page or its image data runs past the end of the file.
+
+    An interrupted download of an SVS loses its pages (Aperio writes them after the pixels), so
+    tifffile finds none and returns an empty list; a file whose pages come first keeps them, but
+    their image data ends past the last byte.
+    """
     file_size = path.stat().st_size
+    if len(tif.pages) == 0:
+        offset = _first_page_offset(tif)
+        where = (f"its first page is at byte {offset} but the file has {file_size} bytes"
+                 if offset >= file_size else f"no readable page at byte {offset}")
+        raise MiniKDError(f"{path} is truncated or damaged ({where}); download it again")
     for page in tif.pages:
         ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
         if ends and max(ends) > file_size:
@@ -49,15 +71,43 @@ def _check_complete(path: Path, tif: tifffile.TiffFile) -> None:
             )
 
 
+@contextmanager
+def _held_back_tifffile_log():
+    """Hold back what tifffile logs while a file is opened (for a damaged file it logs, then
+    returns no pages); the records are yielded, and passed on only if the block succeeds."""
+    logger = logging.getLogger("tifffile")
+    held = logging.handlers.BufferingHandler(capacity=10**6)
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(held)
+    try:
+        yield held.buffer
+    finally:
+        logger.removeHandler(held)
+        logger.propagate = propagate
+    for record in held.buffer:
+        logger.handle(record)
+
+
 def _open_tiff(path: Path) -> tiffslide.TiffSlide:
+    """tiffslide's handle on ``path``, its metadata parsed and its pages checked.
+
+    tiffslide parses lazily: the pyramid is read here, so that a damaged file fails here, as one
+    :class:`MiniKDError`, and not at the first use of a property.
+    """
     if not path.exists():
         raise MiniKDError(f"no slide at {path}: check the path")
     if not path.is_file():
         raise MiniKDError(f"{path} is a folder, not a slide file")
+    if path.stat().st_size == 0:
+        raise MiniKDError(f"{path} is empty (0 bytes); download or copy it again")
     slide = None
     try:
-        slide = tiffslide.TiffSlide(path)
-        _check_complete(path, slide.ts_tifffile)  # the pages tiffslide parsed anyway
+        with _held_back_tifffile_log():
+            slide = tiffslide.TiffSlide(path)
+            _check_complete(path, slide.ts_tifffile)  # the pages tiffslide parsed anyway
+            if any(min(size) < 1 for size in slide.level_dimensions):  # parses the metadata
+                raise MiniKDError(f"{path} has a pyramid level without pixels "
+                                  f"{slide.level_dimensions}; it is damaged: download it again")
         return slide
     except Exception as error:  # tifffile/tiffslide raise many types for a bad file
         if slide is not None:
@@ -65,9 +115,22 @@ def _open_tiff(path: Path) -> tiffslide.TiffSlide:
         if isinstance(error, MiniKDError):
             raise
         raise MiniKDError(
-            f"cannot read {path} as a slide ({type(error).__name__}: {error}); "
+            f"cannot read {path} as a slide ({type(error).__name__}: {_first_line(error)}); "
             "is it a complete TIFF/SVS file?"
         ) from error
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an exception's message (some span several lines)."""
+    return str(error).strip().split("\n")[0]
+
+
+def _number(value, what: str, path: Path) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise MiniKDError(f"{what} for {path} is {value!r}, not a number; pass a number such as "
+                          "mpp=0.5 (or --mpp 0.5)") from None
 
 
 def _resolve_mpp(path: Path, properties: dict, mpp: float | None) -> float:
@@ -81,13 +144,33 @@ def _resolve_mpp(path: Path, properties: dict, mpp: float | None) -> float:
         source = "the slide reports"
     else:
         source = "the override gives"
-    mpp = float(mpp)
+    mpp = _number(mpp, "the mpp", path)
     if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
         raise MiniKDError(
             f"{source} {mpp:g} µm/px for {path}, outside the range of real scans "
             f"({MPP_RANGE[0]}–{MPP_RANGE[1]}); pass the true value as mpp=... (or --mpp)"
         )
     return mpp
+
+
+def _resolve_magnification(path: Path, properties: dict, magnification: float | None,
+                           mpp: float, mpp_overridden: bool) -> float:
+    """Level 0's objective power: the override, else the slide's own (unless the user corrected
+    the mpp: then the metadata is suspect), else 10 / mpp."""
+    reported = properties.get(tiffslide.PROPERTY_NAME_OBJECTIVE_POWER)
+    if magnification is not None:
+        source, magnification = "the override gives", _number(magnification, "the magnification", path)
+    elif reported and not mpp_overridden:
+        source, magnification = "the slide reports", _number(reported, "the objective power", path)
+    else:
+        return 10.0 / mpp  # in MAGNIFICATION_RANGE, since mpp is in MPP_RANGE
+    if not MAGNIFICATION_RANGE[0] <= magnification <= MAGNIFICATION_RANGE[1]:
+        raise MiniKDError(
+            f"{source} {magnification:g}x for level 0 of {path}, outside the range of real scans "
+            f"({MAGNIFICATION_RANGE[0]:g}x–{MAGNIFICATION_RANGE[1]:g}x); pass the true value as "
+            "magnification=... (or --magnification), e.g. 20 for a 0.5 µm/px scan"
+        )
+    return magnification
 
 
 class Slide:
@@ -103,12 +186,13 @@ class Slide:
         self.slide_id = self.path.stem
         self._tiff = _open_tiff(self.path)
         properties = self._tiff.properties
-        self.mpp = _resolve_mpp(self.path, properties, mpp)
-        reported = properties.get(tiffslide.PROPERTY_NAME_OBJECTIVE_POWER)
-        if magnification is None:
-            # metadata wins unless the user corrected the mpp (then the metadata is suspect)
-            magnification = reported if (reported and mpp is None) else 10.0 / self.mpp
-        self.magnification = float(magnification)
+        try:
+            self.mpp = _resolve_mpp(self.path, properties, mpp)
+            self.magnification = _resolve_magnification(self.path, properties, magnification,
+                                                        self.mpp, mpp_overridden=mpp is not None)
+        except MiniKDError:
+            self._tiff.close()  # the caller gets no Slide to close
+            raise
         self.dimensions = tuple(self._tiff.dimensions)
         self.level_count = self._tiff.level_count
         self.level_dimensions = tuple(tuple(d) for d in self._tiff.level_dimensions)

@@ -21,6 +21,7 @@ exact coarsening of the HR lattice (step footprint).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mini_kd.errors import MiniKDError
-from mini_kd.slides import Slide, open_slide
+from mini_kd.slides import LEVEL_TOLERANCE, Slide, open_slide
 from mini_kd.tissue import tissue_fraction, tissue_mask
 
 MASK_MAG = 1.25  # tissue is found on a thumbnail at this magnification (or the slide's, if lower)
+GRID_ATTRIBUTES = {  # HDF5 attribute on 'coords' (TRIDENT's and CLAM's name) -> TileGrid field
+    "patch_size": "tile_size", "patch_size_level0": "footprint",
+    "target_magnification": "mag", "level0_magnification": "slide_mag",
+}
 
 
 @dataclass
@@ -49,7 +54,14 @@ class TileGrid:
     slide_id: str = ""
 
     def __post_init__(self):
-        self.coords = np.asarray(self.coords, dtype=np.int64).reshape(-1, 2)
+        coords = np.asarray(self.coords)
+        if coords.size and (coords.ndim != 2 or coords.shape[1] != 2):
+            raise MiniKDError(f"tile coordinates must be (N, 2) level-0 (x, y) corners, got shape "
+                              f"{coords.shape}; pass one (x, y) row per tile")
+        if coords.size and not np.array_equal(coords, np.round(coords)):
+            raise MiniKDError("tile coordinates must be whole level-0 pixels; round them, or "
+                              "re-tile the slide with mini_kd.tiling.tile_grid")
+        self.coords = coords.astype(np.int64).reshape(-1, 2)
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -59,35 +71,62 @@ class TileGrid:
                 f"{self.mag:g}x, footprint {self.footprint} px)")
 
     def save(self, path) -> Path:
-        """HDF5 with a ``coords`` dataset and TRIDENT/CLAM-style attributes on it."""
+        """HDF5 with a ``coords`` dataset and TRIDENT/CLAM-style attributes on it.
+
+        Written to ``<path>.partial`` and renamed: an interrupted save leaves no half grid.
+        """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(path, "w") as f:
-            dataset = f.create_dataset("coords", data=self.coords)
-            dataset.attrs.update(
-                patch_size=self.tile_size, patch_size_level0=self.footprint,
-                target_magnification=self.mag, level0_magnification=self.slide_mag,
-                overlap=0, name=self.slide_id,
-            )
+        if path.is_dir():
+            raise MiniKDError(f"{path} is a folder; give the grid a file name, e.g. {path / 'grid.h5'}")
+        partial = path.with_name(path.name + ".partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with h5py.File(partial, "w") as f:
+                dataset = f.create_dataset("coords", data=self.coords)  # (N, 2) int64
+                dataset.attrs.update({name: getattr(self, field) for name, field in GRID_ATTRIBUTES.items()})
+                dataset.attrs.update(overlap=0, name=self.slide_id)
+            os.replace(partial, path)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise MiniKDError(f"cannot write the grid to {path} ({error}); choose another path") from error
         return path
 
     @classmethod
     def load(cls, path) -> "TileGrid":
         """Read a grid written by :meth:`save` (or by TRIDENT, which uses the same attributes)."""
         path = Path(path)
+        expected = ("expected HDF5 with a 'coords' dataset (N, 2) and attributes "
+                    + ", ".join(GRID_ATTRIBUTES) + "; re-tile the slide with `mini-kd tile`")
+        if not path.is_file():
+            raise MiniKDError(f"no tile grid at {path}; make one with `mini-kd tile` (or "
+                              "TileGrid.save), or check the path")
         try:
             with h5py.File(path, "r") as f:
-                dataset = f["coords"]
-                a = dict(dataset.attrs)
-                coords = dataset[:]
-                return cls(coords, mag=float(a["target_magnification"]),
-                           tile_size=int(a["patch_size"]), footprint=int(a["patch_size_level0"]),
-                           slide_mag=float(a["level0_magnification"]), slide_id=str(a.get("name", "")))
-        except (OSError, KeyError) as error:
-            raise MiniKDError(
-                f"{path} is not a tile grid ({error}); expected HDF5 with a 'coords' dataset and "
-                "attributes patch_size, patch_size_level0, target_magnification, level0_magnification"
-            ) from error
+                attrs, coords = dict(f["coords"].attrs), f["coords"][()]
+        except OSError as error:
+            raise MiniKDError(f"{path} is not a tile grid: not an HDF5 file ({error}); {expected}") from error
+        except (KeyError, AttributeError, TypeError):  # no 'coords', or a group of that name
+            raise MiniKDError(f"{path} is not a tile grid: it has no 'coords' dataset; {expected}") from None
+        missing = [name for name in GRID_ATTRIBUTES if name not in attrs]
+        if missing:
+            raise MiniKDError(f"{path} is not a tile grid: 'coords' lacks the attribute(s) "
+                              f"{', '.join(missing)}; {expected}")
+        try:
+            geometry = {field: float(np.asarray(attrs[name]).item())
+                        for name, field in GRID_ATTRIBUTES.items()}
+        except (TypeError, ValueError) as error:
+            raise MiniKDError(f"{path} is not a tile grid: an attribute is not a number ({error}); {expected}") from None
+        if min(geometry.values()) <= 0 or geometry["tile_size"] % 1 or geometry["footprint"] % 1:
+            raise MiniKDError(f"{path} records tile_size, footprint, mag and slide_mag of "
+                              f"{[geometry[k] for k in ('tile_size', 'footprint', 'mag', 'slide_mag')]}: "
+                              f"sizes must be whole and all must be positive; {expected}")
+        name = attrs.get("name", "")
+        try:
+            return cls(coords, mag=geometry["mag"], tile_size=int(geometry["tile_size"]),
+                       footprint=int(geometry["footprint"]), slide_mag=geometry["slide_mag"],
+                       slide_id=name.decode() if isinstance(name, bytes) else str(name))
+        except MiniKDError as error:  # coordinates of the wrong shape
+            raise MiniKDError(f"{path} is not a tile grid: {error}") from None
 
 
 def _lattice(width: int, height: int, step: int) -> np.ndarray:
@@ -98,13 +137,37 @@ def _lattice(width: int, height: int, step: int) -> np.ndarray:
     return np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
 
 
+def _check_tile_arguments(slide: Slide, mag: float, tile_size: int, min_tissue: float,
+                          allow_upsampling: bool) -> None:
+    """Raise for a grid that cannot be made (or only by inventing pixels the scan does not have)."""
+    if not (isinstance(tile_size, (int, np.integer)) and tile_size >= 1):
+        raise MiniKDError(f"tile_size={tile_size!r} must be a whole number of pixels >= 1, e.g. 256")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise MiniKDError(f"min_tissue={min_tissue!r} is a fraction of each tile and must lie in "
+                          "[0, 1], e.g. 0.5 (0 keeps every tile)")
+    if not 0.0 < mag < math.inf:
+        raise MiniKDError(f"mag={mag!r} must be a positive magnification, e.g. 20, 5 or 1.25")
+    if mag > slide.magnification * (1 + LEVEL_TOLERANCE) and not allow_upsampling:
+        raise MiniKDError(
+            f"{slide.slide_id} was scanned at {slide.magnification:g}x (level 0), so tiles at "
+            f"{mag:g}x would be upsampled {mag / slide.magnification:g} times, detail the scan does "
+            f"not have; choose mag <= {slide.magnification:g}, or allow it with "
+            "allow_upsampling=True (--allow-upsampling)"
+        )
+    if slide.footprint(tile_size, mag) < 1:
+        raise MiniKDError(f"a {tile_size}-px tile at {mag:g}x covers less than one level-0 pixel of "
+                          f"{slide.slide_id}; use a larger tile_size or a lower magnification")
+
+
 def tile_grid(slide: Slide, mag: float, tile_size: int, min_tissue: float = 0.5,
-              tissue: np.ndarray | None = None) -> TileGrid:
+              tissue: np.ndarray | None = None, allow_upsampling: bool = False) -> TileGrid:
     """Tile ``slide`` at ``mag`` into ``tile_size``-px tiles with at least ``min_tissue`` tissue.
 
     ``tissue`` is a precomputed mask at :data:`MASK_MAG` (or the slide's own magnification when
     lower); by default it is computed here. A slide without tissue gives an empty grid and a warning.
+    A ``mag`` above the slide's own magnification is refused unless ``allow_upsampling``.
     """
+    _check_tile_arguments(slide, mag, tile_size, min_tissue, allow_upsampling)
     footprint = slide.footprint(tile_size, mag)
     width, height = slide.dimensions
     if footprint > min(width, height):
