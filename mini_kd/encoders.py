@@ -421,13 +421,26 @@ def cache_features(slide_path, grid: TileGrid, encoder: Encoder, cache_dir, batc
 
 
 def load_features(path) -> tuple[torch.Tensor, np.ndarray]:
-    """(features float32 (N, D), coords int64 (N, 2)) from a cache file (CLAM's layout)."""
+    """(features float32 (N, D), coords int64 (N, 2)) from a cache file (CLAM's layout): row n
+    of the features belongs to the tile at coords[n]."""
+    path = Path(path)
+    how = "run mini_kd.encoders.extract_features (or extract_cohort) first"
+    if not path.is_file():
+        raise MiniKDError(f"no features at {path}; {how}")
     try:
         with h5py.File(path, "r") as f:
-            return torch.from_numpy(f["features"][:]), f["coords"][:]
-    except (OSError, KeyError) as error:
-        raise MiniKDError(f"no features at {path} ({error}); run "
-                          "mini_kd.encoders.extract_features (or extract_cohort) first") from error
+            features, coords = f["features"][()], f["coords"][()]
+    except OSError as error:
+        raise MiniKDError(f"{path} is not an HDF5 features file ({error}); delete it and {how}") from error
+    except (KeyError, AttributeError, TypeError):  # a dataset missing, or a group of that name
+        raise MiniKDError(f"{path} lacks the 'features' (N, D) or 'coords' (N, 2) dataset of CLAM's "
+                          f"layout; delete it and {how}") from None
+    if (features.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2
+            or len(features) != len(coords)):
+        raise MiniKDError(f"{path} holds features of shape {features.shape} for coords of shape "
+                          f"{coords.shape}, not (N, D) and (N, 2) with one row per tile; delete it "
+                          f"and {how}")
+    return torch.from_numpy(features.astype(np.float32, copy=False)), coords.astype(np.int64, copy=False)
 
 
 def extract_features(slide_path, grid: TileGrid, encoder: Encoder, cache_dir,

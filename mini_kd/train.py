@@ -37,8 +37,10 @@ import math
 import os
 import pickle
 import random
+import re
 import time
 import types
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -485,13 +487,20 @@ def read_checkpoint(path, kind: str, how: str) -> dict:
     that names the ``kind`` of checkpoint expected and ``how`` to get one.
     """
     path = Path(path)
+    if path.is_dir():
+        raise MiniKDError(f"{path} is a folder, not a {kind} checkpoint file; {how}")
     if not path.is_file():
         raise MiniKDError(f"no {kind} checkpoint at {path}; {how}")
+    if path.stat().st_size == 0:
+        raise MiniKDError(f"{path} is empty (0 bytes), not a {kind} checkpoint; {how}")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
     except CHECKPOINT_ERRORS as error:
-        raise MiniKDError(f"{path} is not a readable {kind} checkpoint ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); {how}") from error
+        first_sentence = re.split(r"(?<=\.)\s", str(error).strip(), maxsplit=1)[0]
+        raise MiniKDError(f"{path} is not a readable {kind} checkpoint (not written by torch.save, "
+                          f"or damaged: {type(error).__name__}: {first_sentence}); {how}") from error
     if not isinstance(saved, dict):
         raise MiniKDError(f"{path} holds a {type(saved).__name__}, not a {kind} checkpoint; {how}")
     return saved
