@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args.run(args)
         except MiniKDError as error:
-            print(f"mini-kd: error: {error}", file=sys.stderr)
+            one_line = " ".join(str(error).split("\n"))  # a library's message may span lines
+            print(f"mini-kd: error: {one_line}", file=sys.stderr)
             return 2
     return 0
 

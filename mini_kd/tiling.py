@@ -150,9 +150,9 @@ def _check_tile_arguments(slide: Slide, mag: float, tile_size: int, min_tissue: 
     if mag > slide.magnification * (1 + LEVEL_TOLERANCE) and not allow_upsampling:
         raise MiniKDError(
             f"{slide.slide_id} was scanned at {slide.magnification:g}x (level 0), so tiles at "
-            f"{mag:g}x would be upsampled {mag / slide.magnification:g} times, detail the scan does "
-            f"not have; choose mag <= {slide.magnification:g}, or allow it with "
-            "allow_upsampling=True (--allow-upsampling)"
+            f"{mag:g}x would be the scan enlarged {mag / slide.magnification:g} times, with no more "
+            f"detail; choose mag <= {slide.magnification:g}, or pass allow_upsampling=True "
+            "(--allow-upsampling) to enlarge it anyway"
         )
     if slide.footprint(tile_size, mag) < 1:
         raise MiniKDError(f"a {tile_size}-px tile at {mag:g}x covers less than one level-0 pixel of "
