@@ -199,20 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"mini-kd: warning: {message}", file=file or sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. An error prints one line and returns 2; the warnings of a command that
+    succeeds are printed after it, one line each (an error's line replaces them: it says it all)."""
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = _print_warning  # one line, as errors; restored on leaving the block
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # each distinct warning once
         try:
             args.run(args)
         except MiniKDError as error:
             one_line = " ".join(str(error).split("\n"))  # a library's message may span lines
             print(f"mini-kd: error: {one_line}", file=sys.stderr)
             return 2
+    for warning in caught:
+        print(f"mini-kd: warning: {warning.message}", file=sys.stderr)
     return 0
 
 

@@ -65,6 +65,11 @@ def phantom_like(path):
     return write_pyramid(path, tissue(512, 512), mpp=0.5, magnification=20)
 
 
+def blank_slide(path):
+    """A 20x pyramid of white glass: no tissue anywhere."""
+    return write_pyramid(path, np.full((512, 512, 3), 245, np.uint8), mpp=0.5, magnification=20)
+
+
 def digest(path):
     """sha256 of a file, or of every file under a folder (names included)."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -393,6 +398,7 @@ def given(tmp_path, slide_path, lrmil_checkpoint):
         folder=a_folder(tmp_path / "existing"),
         user_cohort=cohort(tmp_path / "user_cohort"),
         no_slides=a_folder(tmp_path / "no_slides"),
+        blank=blank_slide(tmp_path / "blank.svs"),
         grid=tmp_path / "out" / "g.h5", csv=tmp_path / "out" / "p.csv",
     )
 
@@ -439,6 +445,9 @@ CLI = {  # name -> (given -> (argv, inputs that must stay unchanged, outputs tha
                                                    g.csv], [g.checkpoint], [g.csv]), "no slide files"),
     "predict: --out is the checkpoint": (lambda g: (["predict", "lrmil", g.checkpoint, g.slide, "--out",
                                                      g.checkpoint], [g.checkpoint, g.slide], []), "is an input"),
+    "predict: a slide without tissue": (lambda g: (["predict", "lrmil", g.checkpoint, g.blank, "--out", g.csv],
+                                                   [g.checkpoint, g.blank], [g.csv]),
+                                        "nothing to classify"),  # its grid's warning is not printed
     "predict: first half of an SVS": (lambda g: (["predict", "lrmil", g.checkpoint, g.half_svs, "--out", g.csv],
                                                  [g.checkpoint, g.half_svs], [g.csv]), "is truncated or damaged"),
 }
@@ -479,8 +488,6 @@ def test_cli_tile_creates_the_out_folder_and_upsamples_only_when_allowed(tmp_pat
 
 
 def test_cli_prints_a_warning_on_one_line(tmp_path, capsys):
-    blank = write_pyramid(tmp_path / "blank.svs", np.full((512, 512, 3), 245, np.uint8), mpp=0.5,
-                          magnification=20)
-    status, err = run_cli(["tile", blank, "--out", tmp_path / "g.h5"], capsys)
+    status, err = run_cli(["tile", blank_slide(tmp_path / "blank.svs"), "--out", tmp_path / "g.h5"], capsys)
     assert status == 0
     assert err.strip().splitlines() == ["mini-kd: warning: blank: no tile has 50% tissue; the grid is empty"]
