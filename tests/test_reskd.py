@@ -1,5 +1,7 @@
 """ResKD: paired views, the losses in the method, label-free distillation, FLOPs, the CLI."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -8,22 +10,32 @@ from mini_kd import MiniKDError
 from mini_kd.data import PairedViews, downsample_views, paired_transform, region_views
 from mini_kd.encoders import TinyResNetGN
 from mini_kd.evaluate import count_flops
-from mini_kd.kd import feature_map_loss, soft_target_loss
 from mini_kd.methods import reskd
 from mini_kd.methods.reskd import Regions, ResKDConfig, TeacherTargets
 from mini_kd.phantom import make_cohort
 from mini_kd.slides import open_slide
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as notebook 02 and the benchmark run: on a shared 2-core machine two
+    threads made these small networks' steps up to 25x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _config(tmp_path, **overrides) -> ResKDConfig:
-    """32-px regions, one ÷2 student: every step runs in well under a second."""
-    settings = dict(preset="smoke", device="cpu", region_size=32, factors=(2,), unlabeled_factor=2, epochs=1,
+    """64-px regions, one ÷2 student (teacher maps 2 x 2, student maps 1 x 1): every step runs in
+    well under a second."""
+    settings = dict(preset="smoke", device="cpu", region_size=64, factors=(2,), unlabeled_factor=2, epochs=1,
                     teacher_epochs=1, batch_size=4, accumulate=1, n_views=1, bootstrap=200,
                     checkpoint_dir=str(tmp_path / "checkpoints"))
     return ResKDConfig(**{**settings, **overrides})
 
 
-def _regions(n=8, size=32, factor=2, seed=0, labels=True) -> Regions:
+def _regions(n=8, size=64, factor=2, seed=0, labels=True) -> Regions:
     """n random regions with an HR view and its ÷factor box-filtered view."""
     rng = np.random.default_rng(seed)
     hr = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
@@ -51,6 +63,25 @@ def _teacher(seed=1):
 
 def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class FixedOutputs(torch.nn.Module):
+    """A network whose outputs are its own parameters, the same for every image: a one-channel
+    feature map and three logits. Its gradients are the losses' gradients, by hand."""
+
+    def __init__(self, feature_map, logits):
+        super().__init__()
+        self.feature_map = torch.nn.Parameter(torch.as_tensor(feature_map, dtype=torch.float32))
+        self.logits = torch.nn.Parameter(torch.as_tensor(logits, dtype=torch.float32))
+
+    def forward(self, x):
+        return (self.feature_map.expand(len(x), 1, *self.feature_map.shape),  # (B, 1, h, w)
+                self.logits.expand(len(x), -1))  # (B, 3)
+
+
+# F_t: a 4 x 4 teacher map 0..15, z_t = (0, 0, ln 2): p_t = softmax(z_t) = (1/4, 1/4, 1/2)
+TEACHER_MAP = torch.arange(16.0).reshape(1, 1, 4, 4)
+TEACHER_LOGITS = torch.tensor([[0.0, 0.0, np.log(2.0)]])
 
 
 # -- paired views ------------------------------------------------------------------------------------
@@ -115,6 +146,48 @@ def test_labeled_regions_come_from_their_split_with_label_map_classes(cohort, tm
     assert np.array_equal(again.views[2], regions.views[2])
 
 
+def _cohort_with_label_map(cohort, root, label_map):
+    """A copy of ``cohort`` whose first slide's label map is ``label_map`` (codes, 1/4 of level 0)."""
+    import shutil
+
+    from PIL import Image
+
+    from mini_kd.phantom import load_cohort
+
+    shutil.copytree(cohort.root, root, ignore=shutil.ignore_patterns("grids", "features"))
+    Image.fromarray(label_map).save(root / "masks" / f"{cohort.ids()[0]}.png")
+    return load_cohort(root)
+
+
+def test_class_candidates_are_the_lattice_squares_that_one_class_fills(cohort, tmp_path):
+    # a 512-px slide: label map 128 x 128, all normal but a tumour square over level-0 [0, 64)²
+    label_map = np.ones((128, 128), np.uint8)
+    label_map[:16, :16] = 3
+    edited = _cohort_with_label_map(cohort, tmp_path / "edited", label_map)
+    config = _config(tmp_path, region_size=64, region_stride=32, purity=0.6)
+    corners, classes = reskd.class_candidates(edited, edited.ids()[0], config)
+    # corners 0, 32, ..., 448 on both axes: 15 x 15; (0, 0) is all tumour, (32, 0) and (0, 32)
+    # half tumour (pure in nothing), (32, 32) three quarters normal; the other 221 all normal
+    assert corners[classes == 2].tolist() == [[0, 0]]
+    assert (classes == 0).sum() == 15 * 15 - 3 and (classes == 1).sum() == 0
+    assert [32, 0] not in corners.tolist() and [32, 32] in corners[classes == 0].tolist()
+
+
+def test_the_slides_take_turns_so_a_rare_class_fills_its_quota_from_the_slides_that_hold_it(tmp_path):
+    config = _config(tmp_path, regions_per_class=3)
+    corners = lambda n, x0: np.column_stack([np.arange(x0, x0 + n), np.zeros(n)]).astype(np.int64)  # noqa: E731
+    candidates = [(corners(5, 0), np.array([2, 2, 2, 2, 0])),   # slide 0: four tumour, one normal
+                  (corners(1, 100), np.array([2])),             # slide 1: one tumour
+                  (corners(2, 200), np.array([0, 0]))]          # slide 2: two normal
+    picks = reskd._round_robin(candidates, config)  # (M, 4) slide, class, x, y
+    tumour = picks[picks[:, 1] == 2]
+    # turn 1: one tumour from slide 0 and slide 1's only one; turn 2: a second from slide 0
+    assert sorted(tumour[:, 0].tolist()) == [0, 0, 1] and [1, 2, 100, 0] in picks.tolist()
+    assert sorted(picks[picks[:, 1] == 0, 0].tolist()) == [0, 2, 2]  # all three normal ones
+    assert (picks[:, 1] == 1).sum() == 0 and picks[:, 0].tolist() == sorted(picks[:, 0].tolist())
+    assert len({tuple(row) for row in picks.tolist()}) == len(picks)  # no candidate twice
+
+
 # -- bad input -------------------------------------------------------------------------------------
 def test_a_region_below_the_students_minimum_input_is_refused():
     assert reskd.check_input_size(128, 16) == 8
@@ -144,50 +217,64 @@ def test_targets_must_match_the_regions(tmp_path):
 
 
 # -- the losses, as the method uses them -----------------------------------------------------------
-def test_the_student_objective_is_soft_plus_pixel_loss_and_nothing_else(tmp_path):
-    torch.manual_seed(0)
-    student_map, teacher_map = torch.randn(4, 256, 2, 2), torch.randn(4, 256, 4, 4)
-    student_logits, teacher_logits = torch.randn(4, 3), torch.randn(4, 3)
-    config = _config(tmp_path, temperature=2.0, resize="bicubic", feature_loss="l1")
-    losses = reskd.L_KD(student_map, student_logits, teacher_map, teacher_logits, config)
-    soft = soft_target_loss(student_logits, teacher_logits, 2.0)
-    pix = feature_map_loss(student_map, teacher_map, mode="bicubic", norm="l1")
-    torch.testing.assert_close(losses["soft"], soft)
-    torch.testing.assert_close(losses["pix"], pix)
-    torch.testing.assert_close(losses["kd"], soft + pix)
-    # the config's temperature and resizing are the ones used
-    other = reskd.L_KD(student_map, student_logits, teacher_map, teacher_logits, _config(tmp_path))
-    assert not torch.isclose(other["soft"], losses["soft"]) and not torch.isclose(other["pix"], losses["pix"])
+def test_the_student_objective_by_hand_with_the_configs_temperature_resizing_and_norm(tmp_path):
+    student_map, student_logits = torch.zeros(1, 1, 2, 2), torch.zeros(1, 3)  # q = (1/3, 1/3, 1/3)
+    config = _config(tmp_path, temperature=2.0, resize="maxpool", feature_loss="l1")
+    losses = reskd.L_KD(student_map, student_logits, TEACHER_MAP, 2 * TEACHER_LOGITS, config)
+    # T = 2: softmax(2 z_t / 2) = p_t; T² KL(p_t ‖ q) = 4 (½ ln ¾ + ½ ln 3/2) = 2 ln(9/8)
+    assert losses["soft"].item() == pytest.approx(2 * np.log(9 / 8), rel=1e-6)
+    # g = 2 x 2 max-pool of F_t = [[5, 7], [13, 15]]; l1 against zeros: (5 + 7 + 13 + 15) / 4
+    assert losses["pix"].item() == pytest.approx(10.0)
+    assert losses["kd"].item() == pytest.approx(10.0 + 2 * np.log(9 / 8), rel=1e-6)
+    # l2: (25 + 49 + 169 + 225) / 4; T = 1: KL(p_t ‖ q) = ½ ln(9/8)
+    l2 = reskd.L_KD(student_map, student_logits, TEACHER_MAP, TEACHER_LOGITS,
+                    _config(tmp_path, resize="maxpool"))
+    assert l2["pix"].item() == pytest.approx(117.0) and l2["soft"].item() == pytest.approx(
+        0.5 * np.log(9 / 8), rel=1e-6)
 
 
-def test_kd_step_compares_the_students_lr_outputs_with_the_teachers_targets(tmp_path):
-    config = _config(tmp_path)
-    regions = _regions(n=4)
-    targets = reskd.teacher_targets(_teacher(), regions.views[1], config)
-    student = _teacher(seed=2)
-    loss, metrics = reskd.kd_step(student, (torch.from_numpy(regions.views[2]), targets.logits,
-                                            targets.maps), config)
-    from mini_kd.data import to_tensor
-    student_map, student_logits = student(to_tensor(regions.views[2]))
-    assert student_map.shape == (4, 256, 1, 1) and targets.maps.shape == (4, 256, 1, 1)
-    expected = soft_target_loss(student_logits, targets.logits) + feature_map_loss(
-        student_map, targets.maps, mode="both", norm="l2")
-    torch.testing.assert_close(loss, expected)
-    assert metrics["soft"] + metrics["pix"] == pytest.approx(loss.item(), rel=1e-5)
+def test_kd_step_by_hand_resizes_the_larger_teacher_map_and_trains_the_student_only(tmp_path):
+    """F_t is 4 x 4, F_s 2 x 2: L_pix compares F_s with the teacher's map shrunk to 2 x 2."""
+    config = _config(tmp_path, resize="maxpool")
+    student = FixedOutputs(torch.zeros(2, 2), torch.zeros(3))
+    teacher_map = TEACHER_MAP.repeat(2, 1, 1, 1).requires_grad_()  # (2, 1, 4, 4), a batch of two
+    teacher_logits = TEACHER_LOGITS.repeat(2, 1).requires_grad_()  # (2, 3)
+    images = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    loss, metrics = reskd.kd_step(student, (images, teacher_logits, teacher_map), config)
+    assert metrics["pix"] == pytest.approx(117.0)  # mean of (0 - [[5, 7], [13, 15]])²
+    assert metrics["soft"] == pytest.approx(0.5 * np.log(9 / 8), rel=1e-6)  # KL(p_t ‖ q)
+    assert loss.item() == pytest.approx(117.0 + 0.5 * np.log(9 / 8), rel=1e-6)
     loss.backward()
-    assert all(p.grad is not None for p in student.parameters())
+    # dL_pix/dF_s = 2 (F_s - g(F_t)) / 4 = -g / 2; dL_soft/dz_s = q - p_t = (1/12, 1/12, -1/6)
+    torch.testing.assert_close(student.feature_map.grad, torch.tensor([[-2.5, -3.5], [-6.5, -7.5]]))
+    torch.testing.assert_close(student.logits.grad, torch.tensor([1 / 12, 1 / 12, -1 / 6]))
+    assert teacher_map.grad is None and teacher_logits.grad is None  # the teacher is a target
+    # with the roles swapped (F_s blown up to 4 x 4, KL(q ‖ p_t)) the numbers differ: 77.5, ⅓ ln(32/27)
+    swapped_pix = reskd.L_pix(TEACHER_MAP, torch.zeros(1, 1, 2, 2), "maxpool").item()
+    swapped_soft = reskd.L_soft(TEACHER_LOGITS, torch.zeros(1, 3)).item()
+    assert swapped_pix == pytest.approx(77.5) and swapped_soft == pytest.approx(np.log(32 / 27) / 3)
 
 
-def test_ce_step_is_cross_entropy_with_the_labels():
-    torch.manual_seed(0)
-    model = TinyResNetGN(n_classes=3)
-    images = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
-    labels = torch.tensor([0, 1, 2, 1, 0])
-    loss, metrics = reskd.ce_step(model, (images, labels))
+def test_kd_step_on_real_networks_gives_gradients_to_every_student_weight_and_none_to_the_teacher(tmp_path):
+    config = _config(tmp_path, region_size=128)
+    regions = _regions(n=2, size=128)
+    teacher, student = _teacher(seed=1), _teacher(seed=2)
     from mini_kd.data import to_tensor
-    logits = model(to_tensor(images))[1]
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels))
-    assert 0.0 <= metrics["accuracy"] <= 1.0
+    teacher_map, teacher_logits = teacher(to_tensor(regions.views[1]))  # not detached on purpose
+    assert teacher_map.shape == (2, 256, 4, 4) and student(to_tensor(regions.views[2]))[0].shape == (2, 256, 2, 2)
+    loss, _ = reskd.kd_step(student, (torch.from_numpy(regions.views[2]), teacher_logits, teacher_map),
+                            config)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_ce_step_by_hand():
+    model = FixedOutputs(torch.zeros(1, 1), TEACHER_LOGITS[0])  # softmax = (1/4, 1/4, 1/2) for all
+    images = torch.zeros(2, 16, 16, 3, dtype=torch.uint8)
+    loss, metrics = reskd.ce_step(model, (images, torch.tensor([2, 0])))
+    assert loss.item() == pytest.approx((np.log(2) + np.log(4)) / 2)  # -(ln ½ + ln ¼) / 2
+    assert metrics["accuracy"] == 0.5  # both are called class 2
 
 
 # -- label-free distillation -----------------------------------------------------------------------
@@ -269,13 +356,30 @@ def test_distillation_resumes_from_its_checkpoint(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[key], value)
 
 
-def test_the_ce_student_and_teacher_train_on_labels(tmp_path):
-    config = _config(tmp_path, epochs=2, teacher_epochs=2)
-    regions, val = _regions(), _regions(n=6, seed=1)
-    teacher, history = reskd.train_ce(regions, 1, config, val=val)
-    assert history.monitor == "val_balanced_accuracy" and history.best_epoch in (1, 2)
-    student, history = reskd.train_ce(regions, 2, config)
-    assert reskd.predict(student, regions.views[2]).shape == (8, 3)
+def _coloured_regions(n_per_class=4, size=64, seed=0) -> Regions:
+    """Regions whose class is their colour: class c is bright in channel c, dark elsewhere."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), n_per_class)  # (3n,)
+    hr = rng.integers(0, 60, (len(labels), size, size, 3), dtype=np.uint8)
+    hr[np.arange(len(labels)), :, :, labels] += 180
+    return Regions(np.array(["s"] * len(labels)), np.zeros((len(labels), 2), np.int64), labels,
+                   {1: hr, 2: downsample_views(hr, 2)})
+
+
+def test_the_teacher_and_the_ce_student_learn_the_labels_and_keep_the_best_validation_epoch(tmp_path):
+    config = _config(tmp_path, epochs=3, teacher_epochs=3, batch_size=3)
+    regions, val = _coloured_regions(), _coloured_regions(n_per_class=2, seed=1)
+    for factor in (1, 2):
+        untrained = reskd.build_network(config.seed)
+        before = reskd.predict(untrained, val.views[factor]).argmax(1)
+        model, history = reskd.train_ce(regions, factor, config, val=val)
+        assert not np.array_equal(before, val.labels)  # not right by chance before training
+        assert np.array_equal(reskd.predict(model, val.views[factor]).argmax(1), val.labels)
+        scores = history.column("val_balanced_accuracy")
+        assert history.best_epoch == 1 + int(np.argmax(scores)) and max(scores) == 1.0
+    flipped = replace(regions, labels=(regions.labels + 1) % 3)  # the same images, other labels
+    model, _ = reskd.train_ce(flipped, 2, _config(tmp_path / "flipped", epochs=3, batch_size=3))
+    assert np.array_equal(reskd.predict(model, val.views[2]).argmax(1), (val.labels + 1) % 3)
 
 
 def test_augment_makes_copies_with_shared_parameters(tmp_path):
@@ -297,6 +401,17 @@ def test_the_students_flops_are_the_teachers_over_n_squared(factor):
     teacher = count_flops(model, torch.zeros(1, 3, 256, 256))
     student = count_flops(model, torch.zeros(1, 3, 256 // factor, 256 // factor))
     assert teacher / student == pytest.approx(factor ** 2, rel=0.01)
+
+
+def test_the_book_presets_regions_give_the_x8_student_64x_fewer_flops():
+    book = reskd.config_for("book")
+    (row,) = reskd.flop_reductions(region_sizes=(book.region_size,), factors=(8,))
+    assert row["student_px"] == 32 and row["flop_reduction"] >= 0.99 * 64
+
+
+def test_epochs_per_network():
+    config = ResKDConfig(epochs=30, teacher_epochs=4, epochs_by_factor={"2": 8})
+    assert [reskd.epochs_of(config, n) for n in (1, 2, 4, 8)] == [4, 8, 30, 30]
 
 
 def test_a_one_by_one_last_map_saves_less_than_n_squared():
@@ -348,8 +463,10 @@ def test_regions_of_a_cohort_without_tile_labels_are_refused_up_front(cohort, tm
 
     public = tmp_path / "public"
     (public / "slides").mkdir(parents=True)
-    slide_id = cohort.ids()[0]
-    (public / "slides" / f"{slide_id}.svs").write_bytes(cohort.slide_path(slide_id).read_bytes())
-    (public / "labels.csv").write_text(f"slide_id,label,split\n{slide_id},1,train\n")
+    rows = ["slide_id,label,split"]
+    for slide_id, label in zip(cohort.ids()[:2], (0, 1)):
+        (public / "slides" / f"{slide_id}.svs").write_bytes(cohort.slide_path(slide_id).read_bytes())
+        rows.append(f"{slide_id},{label},train")
+    (public / "labels.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(MiniKDError, match="slide labels only.*tile-level"):
         reskd.labeled_regions(load_cohort(public), "train", _config(tmp_path))

@@ -102,9 +102,10 @@ class ResKDConfig:
     region_size: int = 256           # HR side in px at hr_mag; the ÷N student sees region_size / N
     hr_mag: float = 20.0             # the teacher's magnification (the phantom's level 0)
     factors: tuple[int, ...] = (2, 4, 8, 16)   # students at 10x, 5x, 2.5x, 1.25x
-    purity: float = 0.6              # a region's class covers at least this fraction of it
-    min_tissue: float = 0.5          # tissue fraction of every region (labeled or not)
-    regions_per_class: int = 16      # at most this many regions per slide and class
+    region_stride: int = 64          # labeled regions' corners lie on this lattice (px at hr_mag)
+    purity: float = 0.6              # a labeled region's class covers at least this fraction of it
+    min_tissue: float = 0.5          # tissue fraction of every unlabeled region and predicted one
+    regions_per_class: int = 128     # at most this many labeled regions per split and class
     view_source: str = "pyramid"     # LR views read from the pyramid ("pyramid") or "resize"d
     # the losses (paper: T = 1, L2, "maxpool+bicubic")
     temperature: float = 1.0
@@ -115,6 +116,7 @@ class ResKDConfig:
     weight_decay: float = 1e-4
     epochs: int = 100                # student epochs, over all augmented copies
     teacher_epochs: int = 100
+    epochs_by_factor: dict[int, int] = field(default_factory=dict)   # fewer epochs for some ÷N
     batch_size: int = 1
     accumulate: int = 32
     # augmentation (paper: random flips + ColorJitter(0.5, 0.5, 0.5, 0.2), the same on both views)
@@ -135,6 +137,7 @@ class ResKDConfig:
     def __post_init__(self):
         self.factors = tuple(int(f) for f in self.factors)
         self.unlabeled_slides = tuple(int(n) for n in self.unlabeled_slides)
+        self.epochs_by_factor = {int(n): int(e) for n, e in self.epochs_by_factor.items()}
         self.jitter = None if self.jitter is None else tuple(self.jitter)
         for factor in (*self.factors, self.unlabeled_factor):
             check_input_size(self.region_size, factor)
@@ -142,18 +145,20 @@ class ResKDConfig:
 
 PRESETS = {
     # tests: one pass over a handful of regions, ≤ 2 minutes with the notebook around it
-    "smoke": dict(region_size=128, regions_per_class=6, epochs=2, teacher_epochs=3,
-                  batch_size=32, accumulate=1, n_views=1, unlabeled_slides=(0, 2),
-                  unlabeled_regions=16, bootstrap=1000),
-    # the book: ≤ 10 minutes on two CPU cores; fewer student epochs left the ÷8 student several
-    # points lower (the chapter's Results give the runs)
-    "book": dict(region_size=128, regions_per_class=8, epochs=30, teacher_epochs=5,
-                 batch_size=32, accumulate=1, n_views=2, unlabeled_slides=(0, 6, 12, 24),
-                 unlabeled_regions=32, bootstrap=10_000),
-    # one GPU: the geometry where every student's maps still shrink by N (256-px regions)
-    "gpu": dict(region_size=256, regions_per_class=64, epochs=30, teacher_epochs=30,
-                batch_size=32, accumulate=1, n_views=8, unlabeled_slides=(0, 25, 50, 100),
-                unlabeled_regions=64, bootstrap=10_000),
+    "smoke": dict(region_size=128, region_stride=32, regions_per_class=24, epochs=2,
+                  teacher_epochs=3, batch_size=32, accumulate=1, n_views=1,
+                  unlabeled_slides=(0, 2), unlabeled_regions=16, bootstrap=1000),
+    # the book: ≤ 10 minutes on two CPU cores. 256-px regions keep every student's maps above
+    # 1 x 1 down to ÷8 (64x fewer FLOPs); a ÷N epoch costs about 1/N² of a teacher epoch, so the
+    # costly ÷2 and ÷4 students train fewer epochs (the chapter's Results give the runs)
+    "book": dict(region_size=256, region_stride=64, regions_per_class=128, epochs=30,
+                 teacher_epochs=4, epochs_by_factor={2: 8, 4: 15}, batch_size=32, accumulate=1,
+                 n_views=2, unlabeled_slides=(0, 6, 12, 24), unlabeled_regions=16,
+                 bootstrap=10_000),
+    # one GPU: a larger phantom, more regions and copies, the paper's schedule but shorter
+    "gpu": dict(region_size=256, region_stride=64, regions_per_class=1024, epochs=30,
+                teacher_epochs=30, batch_size=32, accumulate=1, n_views=8,
+                unlabeled_slides=(0, 25, 50, 100), unlabeled_regions=64, bootstrap=10_000),
 }
 
 
@@ -257,45 +262,76 @@ def _cached_regions(key: str, build) -> Regions:
 
 
 def labeled_regions(cohort, split: str, config: ResKDConfig, source: str | None = None) -> Regions:
-    """Class-pure regions of the ``split`` slides of ``cohort``, at every magnification.
+    """Class-pure regions of the ``split`` slides of ``cohort``, drawn from their label maps, at
+    every magnification.
 
-    Every slide is cut into non-overlapping ``region_size`` squares at ``hr_mag`` with at least
-    ``min_tissue`` tissue. A square whose largest tissue code (normal 1, mimic 2, tumour 3) covers
-    at least ``purity`` of it is a region of that class; per slide and class at most
-    ``regions_per_class`` are drawn at random. Cached on disk.
+    The candidates of a slide are the ``region_size`` squares at ``hr_mag`` whose corners lie on
+    a lattice of ``region_stride`` px (:func:`class_candidates`; neighbours overlap when the
+    stride is smaller than the region). Per class, ``regions_per_class`` of the split's
+    candidates are drawn with the slides taking turns: every slide's first pick (each slide's
+    candidates in a random order of its own), then every slide's second, and so on. A class
+    that few slides hold -- tumour -- so still fills its quota, from the slides that have it.
+    Cached on disk.
     """
     if not cohort.has_label_maps:
         raise MiniKDError(f"{cohort.root} has slide labels only; ResKD's regions need tile-level "
                           "labels (normal, mimic, tumour): use a phantom cohort (presets.phantom_cohort)")
     source = source or config.view_source
     key = _cache_key("labeled", str(cohort.root), cohort.ids(split), split, source,
-                     {k: getattr(config, k) for k in ("region_size", "hr_mag", "factors", "purity",
-                                                      "min_tissue", "regions_per_class",
+                     {k: getattr(config, k) for k in ("region_size", "region_stride", "hr_mag",
+                                                      "factors", "purity", "regions_per_class",
                                                       "unlabeled_factor", "seed")})
 
     def build() -> Regions:
-        parts = []
-        for index, slide_id in enumerate(progress(cohort.ids(split), desc=f"regions {split}")):
-            with open_slide(cohort.slide_path(slide_id)) as slide:
-                grid = tile_grid(slide, config.hr_mag, config.region_size, config.min_tissue)
-                fractions = cohort.tile_fractions(slide_id, grid.coords, grid.footprint)  # (n, 4)
-                code = 1 + fractions[:, 1:].argmax(axis=1)  # (n,) dominant tissue code
-                pure = fractions[np.arange(len(code)), code] >= config.purity
-                rng = np.random.default_rng([config.seed, index])
-                rows = np.concatenate([
-                    rng.permutation(np.flatnonzero(pure & (code == c)))[:config.regions_per_class]
-                    for c in (1, 2, 3)]).astype(np.int64)
-                if len(rows) == 0:
-                    continue
-                coords = grid.coords[rows]
-                parts.append(Regions(np.array([slide_id] * len(rows)), coords, code[rows] - 1,
-                                     _read_views(slide, coords, config, source)))
-        if not parts:
+        slide_ids = cohort.ids(split)
+        picks = _round_robin([class_candidates(cohort, slide_id, config) for slide_id in slide_ids],
+                             config)  # (M, 4) rows (slide index, class, x, y)
+        if len(picks) == 0:
             raise MiniKDError(f"no class-pure region in the {split!r} slides of {cohort.root}; "
-                              "lower purity or min_tissue, or use smaller regions")
+                              "lower purity or use smaller regions")
+        parts = []
+        for index in progress(np.unique(picks[:, 0]), desc=f"regions {split}"):
+            rows = picks[picks[:, 0] == index]
+            with open_slide(cohort.slide_path(slide_ids[index])) as slide:
+                parts.append(Regions(np.array([slide_ids[index]] * len(rows)), rows[:, 2:], rows[:, 1],
+                                     _read_views(slide, rows[:, 2:], config, source)))
         return Regions.concat(parts)
 
     return _cached_regions(key, build)
+
+
+def class_candidates(cohort, slide_id: str, config: ResKDConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 corners (n, 2) and classes (n,) of the class-pure squares of one slide.
+
+    A square of ``region_size`` px at ``hr_mag``, its corner on the ``region_stride`` lattice, is
+    a candidate of class c when label code c + 1 (normal 1, mimic 2, tumour 3) covers at least
+    ``purity`` of it in the slide's label map. Purity above ``min_tissue`` makes it tissue too.
+    """
+    with open_slide(cohort.slide_path(slide_id)) as slide:
+        footprint = slide.footprint(config.region_size, config.hr_mag)
+        step = slide.footprint(config.region_stride, config.hr_mag)
+        width, height = slide.dimensions
+    xs, ys = np.arange(0, width - footprint + 1, step), np.arange(0, height - footprint + 1, step)
+    corners = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2).astype(np.int64)  # (n, 2)
+    fractions = cohort.tile_fractions(slide_id, corners, footprint)  # (n, 4) per label code
+    code = 1 + fractions[:, 1:].argmax(axis=1)  # (n,) dominant tissue code
+    pure = fractions[np.arange(len(code)), code] >= config.purity
+    return corners[pure], code[pure] - 1
+
+
+def _round_robin(candidates: list[tuple[np.ndarray, np.ndarray]], config: ResKDConfig) -> np.ndarray:
+    """int64 (M, 4) rows (slide index, class, x, y): ``regions_per_class`` per class, the slides
+    taking turns (:func:`labeled_regions`), grouped by slide."""
+    table = []
+    for index, (corners, classes) in enumerate(candidates):
+        turn = np.random.default_rng([config.seed, index]).permutation(len(corners))  # (n,)
+        table.append(np.column_stack([np.full(len(corners), index), classes, corners, turn]))
+    table = np.concatenate(table).astype(np.int64)  # (n_all, 5)
+    table = table[np.lexsort((table[:, 0], table[:, 4]))]  # turn 0 of every slide, then turn 1, ...
+    rows = np.concatenate([np.flatnonzero(table[:, 1] == c)[:config.regions_per_class]
+                           for c in range(len(CLASSES))])
+    picked = table[rows]
+    return picked[np.lexsort((picked[:, 4], picked[:, 1], picked[:, 0])), :4]
 
 
 def unlabeled_cohort(config: ResKDConfig):
@@ -417,6 +453,15 @@ def kd_step(student: nn.Module, batch, config: ResKDConfig) -> tuple[torch.Tenso
     return losses["kd"], {"soft": losses["soft"].item(), "pix": losses["pix"].item()}
 
 
+def epochs_of(config: ResKDConfig, factor: int) -> int:
+    """Epochs of the network at ÷``factor``: ``teacher_epochs`` for the teacher (1), else
+    ``epochs_by_factor[factor]`` where given, else ``epochs``. The KD and CE students of a factor
+    train equally long."""
+    if factor == 1:
+        return config.teacher_epochs
+    return config.epochs_by_factor.get(factor, config.epochs)
+
+
 def _fit_config(config: ResKDConfig, epochs: int, monitor: str, mode: str, name: str) -> FitConfig:
     return FitConfig(epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
                      accumulate=config.accumulate, monitor=monitor, mode=mode, seed=config.seed,
@@ -435,7 +480,7 @@ def _labeled_tensors(regions: Regions, factor: int):
 
 
 def train_ce(regions: Regions, factor: int, config: ResKDConfig, val: Regions | None = None,
-             epochs: int | None = None, name: str | None = None):
+             name: str | None = None):
     """The teacher (``factor=1``) or a CE student (÷``factor``): L_CE on ``regions.views[factor]``.
 
     Keeps the epoch with the best validation balanced accuracy (the last epoch without ``val``).
@@ -447,10 +492,10 @@ def train_ce(regions: Regions, factor: int, config: ResKDConfig, val: Regions | 
     if val is not None:
         monitor, mode = "val_balanced_accuracy", "max"
         val_step = lambda m: _val_accuracy(m, val.views[factor], val.labels, config)  # noqa: E731
-    epochs = config.teacher_epochs if (epochs is None and factor == 1) else (epochs or config.epochs)
     name = name or ("teacher" if factor == 1 else f"ce_x{factor}")
     history = fit(model, ce_step, _loader(_labeled_tensors(regions, factor), config),
-                  _fit_config(config, epochs, monitor, mode, name), val_step=val_step)
+                  _fit_config(config, epochs_of(config, factor), monitor, mode, name),
+                  val_step=val_step)
     return model, history
 
 
@@ -506,7 +551,7 @@ def distill(regions: Regions, targets: TeacherTargets, factor: int, config: ResK
         val_step = lambda m: {"kd_loss": _kd_loss(m, val.views[factor], val_targets, config)}  # noqa: E731
     data = _loader((torch.from_numpy(images), targets.logits, targets.maps), config)
     history = fit(student, lambda model, batch: kd_step(model, batch, config), data,
-                  _fit_config(config, config.epochs, monitor, mode, name or f"kd_x{factor}"),
+                  _fit_config(config, epochs_of(config, factor), monitor, mode, name or f"kd_x{factor}"),
                   val_step=val_step)
     return student, history
 
