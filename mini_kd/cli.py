@@ -2,6 +2,7 @@
 
     mini-kd info SLIDE [--mpp MPP]                       what the slide is: size, mpp, magnification, pyramid
     mini-kd tile SLIDE --mag 20 --tile-size 256 --out grid.h5   a tissue-filtered grid, saved as HDF5
+                                                         (--mag above the scan's needs --allow-upsampling)
     mini-kd phantom OUT --slides 24 --seed 0             the phantom cohort
     mini-kd real-cohort OUT --slides 24 --seed 0         the cohort of real H&E tissue
     mini-kd fetch-sample [--source auto|url|pypi]        the CC0 sample slide (and its 3-level pyramid)

@@ -44,9 +44,10 @@ DECODE_THREADS = 2  # threads per reader decoding stored tiles (the decoder rele
 
 def _first_page_offset(tif: tifffile.TiffFile) -> int:
     """The byte offset of the first page (IFD) that the TIFF header points to."""
-    big = tif.tiff.version == 43  # BigTIFF: 8-byte offset at byte 8; classic TIFF: 4 bytes at byte 4
-    tif.filehandle.seek(8 if big else 4)
-    return struct.unpack(tif.tiff.byteorder + ("Q" if big else "I"), tif.filehandle.read(8 if big else 4))[0]
+    big = tif.tiff.version == 43  # BigTIFF: an 8-byte offset at byte 8; classic TIFF: 4 bytes at 4
+    size, code = (8, "Q") if big else (4, "I")
+    tif.filehandle.seek(size)
+    return struct.unpack(tif.tiff.byteorder + code, tif.filehandle.read(size))[0]
 
 
 def _check_complete(path: Path, tif: tifffile.TiffFile) -> None:
@@ -73,14 +74,14 @@ def _check_complete(path: Path, tif: tifffile.TiffFile) -> None:
 
 @contextmanager
 def _held_back_tifffile_log():
-    """Hold back what tifffile logs while a file is opened (for a damaged file it logs, then
-    returns no pages); the records are yielded, and passed on only if the block succeeds."""
+    """Hold back what tifffile logs inside the block (for a damaged file it logs, then returns no
+    pages) and pass it on only if the block succeeds: a failure is reported once, as our error."""
     logger = logging.getLogger("tifffile")
     held = logging.handlers.BufferingHandler(capacity=10**6)
     propagate, logger.propagate = logger.propagate, False
     logger.addHandler(held)
     try:
-        yield held.buffer
+        yield
     finally:
         logger.removeHandler(held)
         logger.propagate = propagate
@@ -126,6 +127,7 @@ def _first_line(error: Exception) -> str:
 
 
 def _number(value, what: str, path: Path) -> float:
+    """``float(value)``, or a MiniKDError naming ``what`` was not a number."""
     try:
         return float(value)
     except (TypeError, ValueError):
