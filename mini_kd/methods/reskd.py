@@ -30,11 +30,12 @@ network on the same LR views, minimises L_CE(z_s, y) without a teacher.
 teacher's work: FLOPs(f_s) = FLOPs(f_t) / N². Once a stage's map shrinks to a single position it
 cannot shrink further, so a small input saves less (:func:`measure_flops` measures it).
 
-**The task on the phantom.** Class-pure square regions (normal tissue, mimic, tumour) are cut
-from the phantom slides with their label maps; the teacher sees them at 20x, students at 10x,
-5x, 2.5x and 1.25x (N = 2, 4, 8, 16). Labeled regions come from the training slides, validation
-and test regions from the validation and test slides; the unlabeled pool comes from a second
-phantom cohort whose label maps are never opened.
+**The task on the phantom.** Class-pure square regions (normal tissue, mimic, tumour) are drawn
+from the phantom's label maps, their corners on a lattice finer than a region (so neighbours may
+overlap), a fixed number per split and class with the slides taking turns; the teacher sees them
+at 20x, students at 10x, 5x, 2.5x and 1.25x (N = 2, 4, 8, 16). Labeled regions come from the
+training slides, validation and test regions from the validation and test slides; the unlabeled
+pool comes from a second phantom cohort whose label maps are never opened.
 
 **Deviations from the authors' code** (which does not run as published; see the paper notes):
 
@@ -55,7 +56,8 @@ phantom cohort whose label maps are never opened.
    balanced accuracy; the KD students keep the epoch with the lowest validation L_KD, so a
    student is trained *and* selected without a label. The paper scores every epoch on the
    validation set; how it selected is not stated.
-6. Fewer epochs than the paper's 100 on the CPU presets.
+6. Fewer epochs than the paper's 100 on the CPU presets, and fewer still for the costly ÷2 and
+   ÷4 students (``epochs_by_factor``); the KD and CE students of a factor train equally long.
 7. LR views are read from the slide pyramid (the phantom stores 20x, 5x, 1.25x; 10x and 2.5x
    come from the next finer level, box-filtered). How the paper made its LR images is not
    stated; software resizing of the HR view (``view_source="resize"``) is the alternative, and
