@@ -30,7 +30,7 @@ COHORTS = {
 
 # The real-tissue cohort (mini_kd.real_tissue) of each preset: slides of real scanned H&E.
 REAL_COHORTS = {
-    "smoke": dict(n_slides=8, slide_size=1536, seed=0),
+    "smoke": dict(n_slides=8, slide_size=2048, seed=0),
     "book": dict(n_slides=24, slide_size=2560, seed=0),
     "gpu": dict(n_slides=200, slide_size=8192, seed=0),
 }

