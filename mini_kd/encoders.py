@@ -352,7 +352,9 @@ def encode_tiles(slide_path, grid: TileGrid, encoder: nn.Module, batch_size: int
 
     Tiles are read with the grid's own level-0 magnification, so that they cover the grid's
     footprint. The encoder is moved to ``device`` (default: CUDA when available), run in eval
-    mode (with float16 autocast on CUDA), and given back its training mode afterwards.
+    mode and in float32 on every device -- the precision of the predictors that encode the same
+    tiles at inference, so a cached feature equals the one a predictor computes -- and given back
+    its training mode afterwards.
     """
     device = pick_device(device)
     was_training = encoder.training
@@ -361,11 +363,10 @@ def encode_tiles(slide_path, grid: TileGrid, encoder: nn.Module, batch_size: int
                          magnification=grid.slide_mag)
     batches = []
     try:
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            for tiles in progress(loader, desc=f"encode {grid.slide_id}", total=len(loader),
-                                  leave=False):
-                x = to_tensor(tiles.to(device, non_blocking=True))  # (B, 3, S, S)
-                batches.append(encoder(x).float().cpu().numpy())  # (B, D)
+        for tiles in progress(loader, desc=f"encode {grid.slide_id}", total=len(loader),
+                              leave=False):
+            x = to_tensor(tiles.to(device, non_blocking=True))  # (B, 3, S, S)
+            batches.append(encoder(x).cpu().numpy())  # (B, D)
     finally:
         encoder.train(was_training)
     if not batches:

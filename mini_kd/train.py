@@ -24,6 +24,11 @@ the gradient of the mean loss over the k batches: for batches of one sample and 
 over its batch, exactly the gradient of one batch of k samples. A window cut short by the end of
 the epoch (or by skipped batches) is averaged over the batches it did see.
 
+Precision. Training steps and validation run in float32 on every device, as do feature caching
+(:func:`mini_kd.encoders.encode_tiles`) and the methods' predictors: the epoch selected on its
+validation score is scored at test time by the same arithmetic (under a reduced-precision autocast
+AHDMIL's keep gate 1[S > 0] and the degree-12 Chebyshev recurrence of its heads would move).
+
 Checkpoints. With ``checkpoint_dir`` the loop writes ``last.pt`` after every epoch (weights,
 optimisers, history and every random-number state) and ``best.pt`` whenever the monitored score
 improves; both are written to a temporary file first and renamed, so an interruption never leaves
@@ -128,7 +133,6 @@ class FitConfig:
     min_epochs: int = 1               # epochs before this one are neither selected nor counted for patience
     seed: int = 0
     device: str | None = None         # None = pick_device()
-    amp: bool = True                  # bfloat16 autocast, on CUDA only (the CPU always runs float32)
     grad_clip: float | None = None    # max gradient norm per optimiser step; None = no clipping
     checkpoint_dir: str | Path | None = None   # None = keep everything in memory
     resume: bool = True               # carry on from checkpoint_dir/last.pt when it exists
@@ -215,8 +219,6 @@ def fit(model: nn.Module, train_step, train_data, config: FitConfig | None = Non
     model.to(device)
     steps = train_step if isinstance(train_step, dict) else {"": train_step}
     optimizers = _optimizers(model, optimizer, steps, config)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=config.amp and device.type == "cuda")
     generators = _data_generators(train_data)
     history = History(config.monitor, config.mode)
     directory = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
@@ -231,12 +233,12 @@ def fit(model: nn.Module, train_step, train_data, config: FitConfig | None = Non
     for epoch in bar:
         start = time.perf_counter()
         row = {"epoch": epoch, **_train_epoch(model, steps, optimizers, train_data, config,
-                                              device, autocast, epoch)}
+                                              device, epoch)}
         if on_epoch_end is not None:
             on_epoch_end(model, epoch)
         val_metrics = {}
         if val_step is not None:
-            val_metrics = _validate(model, val_step, val_data, device, autocast)
+            val_metrics = _validate(model, val_step, val_data, device)
         row.update(val_metrics)
         row["seconds"] = time.perf_counter() - start
         history.rows.append(row)
@@ -293,7 +295,7 @@ def _optimizers(model, optimizer, steps: dict, config: FitConfig) -> dict:
 
 
 def _train_epoch(model, steps: dict, optimizers: dict, data, config: FitConfig, device,
-                 autocast, epoch: int) -> dict:
+                 epoch: int) -> dict:
     """One pass over ``data``; returns the epoch's mean training metrics and skipped-batch count."""
     model.train()
     totals, counts = defaultdict(float), defaultdict(int)
@@ -303,8 +305,7 @@ def _train_epoch(model, steps: dict, optimizers: dict, data, config: FitConfig, 
     for batch_number, batch in enumerate(batches, start=1):
         batch = move_to(batch, device)
         for name, step in steps.items():
-            with autocast:
-                out = step(model, batch)
+            out = step(model, batch)
             if out is None:  # the step chose to skip this batch (AHDMIL: a NaN L_AD)
                 skipped += 1
                 break
@@ -355,17 +356,15 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, n_batches: int, grad_clip)
 
 
 @torch.no_grad()
-def _validate(model, val_step, val_data, device, autocast) -> dict:
+def _validate(model, val_step, val_data, device) -> dict:
     """The validation metrics, ``val_``-prefixed: per-batch means, or one call on the whole set."""
     model.eval()
     if val_data is None:
-        with autocast:
-            metrics = val_step(model)
+        metrics = val_step(model)
         return {f"val_{key}": float(value) for key, value in metrics.items()}
     totals, counts = defaultdict(float), defaultdict(int)
     for batch in val_data:
-        with autocast:
-            metrics = val_step(model, move_to(batch, device))
+        metrics = val_step(model, move_to(batch, device))
         for key, value in metrics.items():
             totals[key] += float(value)
             counts[key] += 1

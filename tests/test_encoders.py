@@ -327,3 +327,37 @@ def test_ranks_split_a_cohort_into_disjoint_shards_that_cover_it(slide_and_grid,
 def test_loading_features_that_were_never_extracted_says_how_to_fix_it(tmp_path):
     with pytest.raises(MiniKDError, match="extract_features"):
         load_features(tmp_path / "missing.h5")
+
+
+# -- one precision: a cached feature is the predictor's feature of the same tile --------------------
+def _recording(encoder):
+    """``encoder`` with a hook that keeps every batch of embeddings it outputs."""
+    encoder.outputs = []
+    encoder.register_forward_hook(lambda module, inputs, output: module.outputs.append(output.clone()))
+    return encoder
+
+
+@pytest.mark.parametrize("method", ["lrmil", "ahdmil"])
+def test_a_cached_feature_equals_the_predictors_feature_of_the_same_tile(tmp_path, method):
+    """Both run on the default device (CUDA when there is one) with the method's own settings."""
+    from mini_kd.methods import ahdmil, lrmil
+    from mini_kd.phantom import render_slide
+
+    path = tmp_path / "slide.svs"
+    render_slide(path, tmp_path / "mask.png", seed=3, index=1, is_tumour=True, difficulty=0.5,
+                 slide_size=512)
+    torch.manual_seed(0)
+    encoder = _recording(tiny_resnet_gn(widths=(8, 8, 8, 8), groups=4).eval())
+    if method == "lrmil":  # 5x tiles, the LR student on top
+        predictor = lrmil.SlidePredictor(encoder, lrmil.StudentABMIL(8, 2, hidden=8), 5.0, 16)
+    else:  # every 20x tissue tile (no screen), DMIN on top
+        model = ahdmil.AHDMIL(ahdmil.DMIN(8, hidden=8, attention_hidden=4, degree=3),
+                              ahdmil.DBLIPN(2, crop_size=4))
+        geometry = dict(hr_mag=20.0, hr_tile=64, screen_mag=1.25, screen_tile=4)
+        predictor = ahdmil.Predictor(model, encoder, geometry, screen=False)
+    grid = predictor(path, details=True)["grid"]
+    seen = torch.cat(encoder.outputs).cpu()  # (N, 8): what the predictor classified
+    assert len(grid) > 8 and seen.shape == (len(grid), 8)
+    cached = extract_features(path, grid, encoder, tmp_path / "cache", batch_size=5)  # other batches
+    assert cached.dtype == seen.dtype == torch.float32
+    torch.testing.assert_close(cached, seen, rtol=1e-5, atol=1e-5)  # float16 differs by ~1e-3

@@ -424,7 +424,7 @@ def test_every_preset_keeps_the_papers_4x4_geometry():
 # -- the benchmark's JSON --------------------------------------------------------------------------
 def _timing_row(model, slide_id, read, encode, mil, tiles):
     seconds = {"tissue": 0.1, "grid": 0.1, "read": read, "encode": encode, "MIL": mil}
-    return {"model": model, "slide_id": slide_id, "tiles": tiles, **seconds,
+    return {"model": model, "slide_id": slide_id, "position": 0, "tiles_read": tiles, **seconds,
             "read_encode_mil": read + encode + mil, "total": sum(seconds.values())}
 
 

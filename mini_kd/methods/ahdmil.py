@@ -122,7 +122,8 @@ from torch import nn
 
 from mini_kd.data import to_tensor
 from mini_kd.errors import MiniKDError
-from mini_kd.evaluate import StageTimer, classification_metrics, repeated_splits, summarize
+from mini_kd.evaluate import (StageTimer, classification_metrics, repeated_splits, summarize,
+                              time_pipelines)
 from mini_kd.kan import ChebyKAN
 from mini_kd.mil import ABMIL, AttentionPool, InstanceClassifier, masked_softmax, topk_instance_loss
 from mini_kd.phantom import TUMOUR
@@ -989,7 +990,8 @@ class Experiment:
         rows = []
         for model in dict.fromkeys(row["model"] for row in self.timing):
             timed = [row for row in self.timing if row["model"] == model]
-            keys = dict.fromkeys(k for row in timed for k in row if k not in ("model", "slide_id"))
+            keys = dict.fromkeys(k for row in timed for k in row
+                                 if k not in ("model", "slide_id", "position"))
             rows.append({"model": model, **{k: float(np.mean([r.get(k, 0.0) for r in timed]))
                                             for k in keys}})
         base = next((row for row in rows if row["model"] == "dmin_all"), None)
@@ -1027,24 +1029,6 @@ class Experiment:
 
 
 STAGES = ("tissue_grid", "read_lr", "db_lipn", "read_hr", "encode", "dmin")
-
-
-def time_pipelines(cohort, slide_ids, predictors: dict) -> list[dict]:
-    """Seconds per stage of each predictor on each slide, read from the slide file.
-
-    Every predictor is warmed up once on the first slide (lazy imports, memory), then the
-    predictors take turns slide by slide, so background load hits them alike.
-    """
-    for predictor in predictors.values():
-        predictor(cohort.slide_path(slide_ids[0]))
-    rows = []
-    for slide_id in progress(slide_ids, desc="timing"):
-        for name, predictor in predictors.items():
-            result = predictor(cohort.slide_path(slide_id))
-            rows.append({"model": name, "slide_id": slide_id, "tiles": result["tiles"],
-                         "tiles_read": result["tiles_read"], **result["seconds"],
-                         "total": sum(result["seconds"].values())})
-    return rows
 
 
 def gate_row(split: int, step2, tries: int, val: list[Bag], dmin: DMIN,
@@ -1097,7 +1081,8 @@ def run_experiment(preset: str = "book", config: AHDMILConfig | None = None, tim
     (DMIN with L_SD), step 2 (DB-LIPN and DMIN fine-tuning) and step 1 again with linear heads,
     every model scored on the split's test slides from cached features. On split 0 also: the
     AHDMIL checkpoint, the per-slide time of DMIN on every tile and of AHDMIL from the slide
-    files (``timing``), and the kept tiles of the test tumour slide with the most tumour. The
+    files (``timing``; the two run in a random order per slide, seeded by ``config.seed``, so
+    neither always pays the cold file cache), and the kept tiles of the test tumour slide with the most tumour. The
     splits are drawn over every slide, stratified by label; ``labels.csv``'s split column is
     not used.
 
@@ -1148,8 +1133,9 @@ def _run_experiment(preset: str, config: AHDMILConfig | None, timing: bool,
                                              screen=False, device=config.device),
                        "ahdmil": Predictor(model, encoder, geometry, device=config.device)}
         if timing:
-            experiment.timing = time_pipelines(cohort, split["test"][:config.timing_slides],
-                                               slide_files)
+            timed = split["test"][:config.timing_slides]
+            experiment.timing = time_pipelines({s: cohort.slide_path(s) for s in timed},
+                                               slide_files, config.seed)
         shown = max((bag for bag in test if bag.label == 1) or test,
                     key=lambda bag: 0 if bag.tumour is None else int(bag.tumour.sum()))
         experiment.kept = kept_tiles(cohort, shown.slide_id, slide_files["ahdmil"], dmin,

@@ -82,7 +82,8 @@ from torch import nn
 from mini_kd.data import cohort_features, cohort_grids, to_tensor
 from mini_kd.encoders import Encoder, block_means, build_encoder, copy_encoder, fingerprint
 from mini_kd.errors import MiniKDError
-from mini_kd.evaluate import StageTimer, classification_metrics, repeated_splits, summarize
+from mini_kd.evaluate import (StageTimer, classification_metrics, repeated_splits, summarize,
+                              time_pipelines)
 from mini_kd.kd import attention_kl_loss, soft_target_loss
 from mini_kd.mil import ABMIL, InstanceClassifier, masked_softmax, topk_instance_loss
 from mini_kd.phantom import TUMOUR
@@ -791,8 +792,9 @@ class Experiment:
         rows = []
         for model in dict.fromkeys(row["model"] for row in self.timing):
             timed = [row for row in self.timing if row["model"] == model]
-            stages = [k for k in timed[0] if k not in ("model", "slide_id", "tiles")]
-            rows.append({"model": model, "tiles": float(np.mean([r["tiles"] for r in timed])),
+            stages = [k for k in timed[0]
+                      if k not in ("model", "slide_id", "position", "tiles_read")]
+            rows.append({"model": model, "tiles": float(np.mean([r["tiles_read"] for r in timed])),
                          **{k: float(np.mean([r[k] for r in timed])) for k in stages}})
         if rows and rows[0]["model"] == "hr_abmil":
             for row in rows:
@@ -912,24 +914,11 @@ def sweep_stage2(features, labels: dict, split: dict, teacher: dict, guides: dic
     return sorted(rows, key=lambda row: row["val_ce"])
 
 
-def time_pipelines(cohort, slide_ids, predictors: dict) -> list[dict]:
-    """Seconds per stage of each predictor on each slide, read from the slide file.
-
-    Every predictor is warmed up once on the first slide (lazy imports, memory), then the
-    predictors take turns slide by slide, so background load hits them alike.
-    """
-    for predictor in predictors.values():
-        predictor(cohort.slide_path(slide_ids[0]))
-    rows = []
-    for slide_id in slide_ids:
-        for name, predictor in predictors.items():
-            result = predictor(cohort.slide_path(slide_id))
-            seconds = result["seconds"]
-            rows.append({"model": name, "slide_id": slide_id, "tiles": result["tiles_read"],
-                         **seconds,
-                         "read_encode_mil": seconds["read"] + seconds["encode"] + seconds["MIL"],
-                         "total": sum(seconds.values())})
-    return rows
+def time_slides(cohort, slide_ids, predictors: dict, seed: int = 0) -> list[dict]:
+    """:func:`mini_kd.evaluate.time_pipelines` on these slides (the predictors in a seeded random
+    order per slide), each row with ``read_encode_mil``, the stages that LRMIL makes cheaper."""
+    rows = time_pipelines({s: cohort.slide_path(s) for s in slide_ids}, predictors, seed)
+    return [{**row, "read_encode_mil": row["read"] + row["encode"] + row["MIL"]} for row in rows]
 
 
 def _evaluate(model_name: str, split_index: int, labels: np.ndarray, probs: np.ndarray) -> dict:
@@ -948,8 +937,10 @@ def run_experiment(preset: str = "book", config: LRMILConfig | None = None, swee
     LR ABMIL, stage 1 only, stage 2 only, LRMIL -- all scored on the split's test slides.
     On split 0 also: the stage-2 sweep on validation (``sweep``; its best setting then trains
     the stage-2 students of every split, else the config's values do), the per-slide timing of HR
-    ABMIL, LR ABMIL and LRMIL from the slide files (``timing``), an attention heatmap, and the
-    LRMIL checkpoint. ``timing_slides`` overrides the preset's number of timed test slides.
+    ABMIL, LR ABMIL and LRMIL from the slide files (``timing``; the three run in a random order
+    per slide, seeded by ``config.seed``, so no one of them always pays the cold file cache),
+    an attention heatmap, and the LRMIL checkpoint. ``timing_slides`` overrides the preset's
+    number of timed test slides.
 
     The splits are drawn over every slide of the cohort, stratified by label; the ``split``
     column of ``labels.csv`` is not used (repeated splits give the spread the table reports).
@@ -1018,7 +1009,7 @@ def run_experiment(preset: str = "book", config: LRMILConfig | None = None, swee
             }
             test_ids = split["test"][:timing_slides or setting["timing_slides"]]
             if timing:
-                experiment.timing = time_pipelines(cohort, test_ids, predictors)
+                experiment.timing = time_slides(cohort, test_ids, predictors, config.seed)
             experiment.heatmap = _heatmap(cohort, split["test"], labels, predictors, teacher)
     experiment.seconds = time.perf_counter() - start
     return experiment

@@ -1,0 +1,212 @@
+"""Same seed, same numbers: the timing order, LRMIL's and AHDMIL's whole smoke experiments run
+twice on a tiny phantom cohort, and fits of the methods' own steps interrupted and resumed."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import mini_kd.encoders
+import mini_kd.presets
+from mini_kd.encoders import build_encoder
+from mini_kd.evaluate import time_pipelines
+from mini_kd.methods import ahdmil, lrmil
+from mini_kd.phantom import make_cohort
+from mini_kd.train import FitConfig, fit
+
+TINY = dict(widths=(8, 8, 8, 8), groups=4)  # a tiny_resnet_gn: 8-d embeddings, fast on a CPU
+
+
+def tiny_encoder():
+    torch.manual_seed(0)
+    return build_encoder("tiny_resnet_gn", pretrained=False, **TINY).eval()
+
+
+# -- time_pipelines: a seeded order per slide ------------------------------------------------------
+class Recorder:
+    """A stand-in predictor that logs its name and the slide it was given."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __call__(self, path):
+        self.log.append((self.name, path))
+        return {"seconds": {"read": 1.0, "encode": 2.0}, "tiles": 4, "tiles_read": 3}
+
+
+def timed_order(seed, n_slides=8):
+    log = []
+    paths = {f"s{i}": f"/slides/s{i}.svs" for i in range(n_slides)}
+    rows = time_pipelines(paths, {"hr": Recorder("hr", log), "lr": Recorder("lr", log)}, seed)
+    return log, rows
+
+
+def test_time_pipelines_warms_up_then_shuffles_the_order_per_slide_with_a_seed():
+    log, rows = timed_order(seed=0)
+    assert log[:2] == [("hr", "/slides/s0.svs"), ("lr", "/slides/s0.svs")]  # warm-up, untimed
+    runs = log[2:]
+    assert len(runs) == len(rows) == 16
+    firsts = [runs[2 * i][0] for i in range(8)]  # who opened each slide first
+    assert set(firsts) == {"hr", "lr"}  # both orders occur
+    assert [(row["model"], row["slide_id"], row["position"]) for row in rows] == [
+        (name, path.split("/")[-1][:-4], i % 2) for i, (name, path) in enumerate(runs)]
+    assert rows[0]["total"] == 3.0 and rows[0]["tiles"] == 4 and rows[0]["tiles_read"] == 3
+    assert timed_order(seed=0)[0] == log  # the same seed, the same orders
+    assert timed_order(seed=1)[0] != log
+
+
+# -- whole experiments twice: bit-identical predictions --------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_cohort_folder(tmp_path_factory):
+    """A tiny phantom cohort (8 slides of 512 px), never used directly: copies of it are."""
+    return make_cohort(tmp_path_factory.mktemp("determinism") / "cohort", n_slides=8,
+                       slide_size=512).root
+
+
+def fresh_cohort(folder, tmp_path):
+    """A copy without caches, so that the second run recomputes everything (features, stage 1)."""
+    from mini_kd.phantom import load_cohort
+
+    return load_cohort(shutil.copytree(folder, tmp_path))
+
+
+def lrmil_run(cohort, monkeypatch):
+    """LRMIL's smoke experiment on ``cohort``: every test probability, and the saved student."""
+    probabilities = []
+    real = lrmil._probabilities
+
+    def recording(model, items):
+        probs = real(model, items)
+        probabilities.append(probs)
+        return probs
+
+    config = lrmil.LRMILConfig(hr_tile=32, lr_tile=32, encoder="tiny_resnet_gn", hidden=8,
+                               mil_epochs=3, patience=None, kd_layers=("layer1", "layer2"),
+                               stage1_tiles=6, stage1_epochs=1, stage1_batch=3)
+    with monkeypatch.context() as patch:
+        patch.setattr(mini_kd.presets, "cohort", lambda preset: cohort)
+        patch.setattr(lrmil, "build_encoder", lambda name: tiny_encoder())
+        patch.setattr(lrmil, "_probabilities", recording)
+        with ahdmil.torch_threads(1):  # small networks: one thread is faster than two
+            experiment = lrmil.run_experiment("smoke", config, timing=False)
+    return np.concatenate(probabilities), torch.load(experiment.checkpoint, weights_only=True)
+
+
+def test_lrmils_smoke_experiment_gives_bit_identical_predictions_twice(tiny_cohort_folder, tmp_path,
+                                                                      monkeypatch):
+    first, saved = lrmil_run(fresh_cohort(tiny_cohort_folder, tmp_path / "a"), monkeypatch)
+    again, saved_again = lrmil_run(fresh_cohort(tiny_cohort_folder, tmp_path / "b"), monkeypatch)
+    assert len(first) == 2 * (6 * 2 + 3 * 2)  # per split: 6 models x 2 test slides, and
+    # torchmil's ABMIL validates on 2 slides in each of its 3 epochs
+    np.testing.assert_array_equal(first, again)
+    for part in ("encoder", "student"):
+        for name, value in saved[part]["state_dict"].items():
+            assert torch.equal(value, saved_again[part]["state_dict"][name]), (part, name)
+
+
+def ahdmil_run(cohort, monkeypatch):
+    """AHDMIL's smoke experiment on ``cohort``: every test probability and keep mask."""
+    outputs = []
+    real = ahdmil.score_bags
+
+    def recording(bags, predict):
+        def predict_and_record(bag):
+            p, kept = predict(bag)
+            outputs.append((p.numpy().copy(), None if kept is None else kept.numpy().copy()))
+            return p, kept
+        return real(bags, predict_and_record)
+
+    config = ahdmil.config_for("smoke", encoder="tiny_resnet_gn", hidden=8, attention_hidden=4,
+                               degree=3, k_sample=2, abmil_hidden=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(mini_kd.presets, "cohort", lambda preset: cohort)
+        patch.setattr(mini_kd.encoders, "build_encoder", lambda name, **kwargs: tiny_encoder())
+        patch.setattr(ahdmil, "score_bags", recording)
+        ahdmil.run_experiment("smoke", config, timing=False)
+    return outputs
+
+
+def test_ahdmils_smoke_experiment_gives_bit_identical_predictions_twice(tiny_cohort_folder,
+                                                                       tmp_path, monkeypatch):
+    first = ahdmil_run(fresh_cohort(tiny_cohort_folder, tmp_path / "a"), monkeypatch)
+    again = ahdmil_run(fresh_cohort(tiny_cohort_folder, tmp_path / "b"), monkeypatch)
+    # per split: 6 models x 2 test slides, and DMIN's own mask on 2 validation slides (the gate row)
+    assert len(first) == len(again) == 2 * (6 * 2 + 2)
+    for (p, kept), (p_again, kept_again) in zip(first, again):
+        np.testing.assert_array_equal(p, p_again)
+        assert (kept is None and kept_again is None) or np.array_equal(kept, kept_again)
+
+
+# -- interrupted and resumed fits of the methods' own steps ---------------------------------------
+class Interrupt(Exception):
+    pass
+
+
+def interrupted_after(epochs_done, steps_per_epoch, step):
+    """``step``, raising once ``epochs_done`` epochs of ``steps_per_epoch`` calls have run."""
+    calls = 0
+
+    def wrapped(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls > epochs_done * steps_per_epoch:
+            raise Interrupt
+        return step(model, batch)
+
+    return wrapped
+
+
+def tiny_bags(n_slides=6):
+    g = torch.Generator().manual_seed(0)
+    return [ahdmil.Bag(f"s{i}", torch.randn(5 + i, 6, generator=g) + i % 2,
+                       torch.randn(5 + i, 3, 4, 4, generator=g), i % 2) for i in range(n_slides)]
+
+
+def step1_fit(checkpoint_dir=None, interrupt_after=None):
+    """AHDMIL step 1 (Gumbel noise, dropout, a weighted sampler) for 4 epochs."""
+    config = ahdmil.AHDMILConfig(hidden=8, attention_hidden=4, degree=3, k_sample=2)
+    bags = tiny_bags()
+    torch.manual_seed(0)
+    dmin = ahdmil.build_dmin(6, config)
+    step = lambda m, b: ahdmil.sd_step(m, b, config)  # noqa: E731
+    if interrupt_after is not None:
+        step = interrupted_after(interrupt_after, len(bags[:4]), step)
+    fit(dmin, step, ahdmil.slide_loader(bags[:4], seed=0),
+        FitConfig(epochs=4, lr=1e-2, checkpoint_dir=checkpoint_dir),
+        val_step=ahdmil.dmin_val_step, val_data=[bag.item() for bag in bags[4:]])
+    return dmin
+
+
+def step2_fit(checkpoint_dir=None, interrupt_after=None):
+    """AHDMIL step 2 (two steps, two optimisers, random soft/hard mode, cross-EMA) for 4 epochs."""
+    config = ahdmil.AHDMILConfig(hidden=8, attention_hidden=4, degree=3, attn_ratio=0.5)
+    bags = tiny_bags()
+    torch.manual_seed(0)
+    model = ahdmil.AHDMIL(ahdmil.build_dmin(6, config), ahdmil.DBLIPN(2, 4))
+    lipn = lambda m, b: ahdmil.lipn_step(m, b, config)  # noqa: E731
+    if interrupt_after is not None:
+        lipn = interrupted_after(interrupt_after, len(bags[:4]), lipn)
+
+    def optimizers(m):
+        return {"lipn": torch.optim.Adam(m.lipn.parameters(), 1e-2),
+                "dmin": torch.optim.Adam(m.dmin.parameters(), 1e-3)}
+
+    with ahdmil.torch_threads(1):  # DB-LIPN's small convolutions crawl on two busy threads
+        fit(model, {"lipn": lipn, "dmin": ahdmil.finetune_step}, ahdmil.slide_loader(bags[:4], 1),
+            FitConfig(epochs=4, checkpoint_dir=checkpoint_dir), optimizer=optimizers,
+            val_step=ahdmil.ahdmil_val_step, val_data=[bag.item() for bag in bags[4:]],
+            on_epoch_end=lambda m, epoch: ahdmil.cross_ema(m.lipn.branches, 0.2))
+    return model
+
+
+@pytest.mark.parametrize("run", [step1_fit, step2_fit], ids=["step1", "step2"])
+def test_a_fit_interrupted_after_epoch_2_and_resumed_ends_with_the_uninterrupted_weights(run, tmp_path):
+    straight = run().state_dict()
+    with pytest.raises(Interrupt):
+        run(checkpoint_dir=tmp_path, interrupt_after=2)
+    resumed = run(checkpoint_dir=tmp_path).state_dict()
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
+    fresh = run(checkpoint_dir=tmp_path / "other", interrupt_after=None).state_dict()
+    assert all(torch.equal(fresh[name], value) for name, value in straight.items())
