@@ -26,35 +26,6 @@ def to_tensor(images) -> torch.Tensor:
     return (x - mean) / std
 
 
-# -- a cohort as MIL bags: one grid and one feature matrix per slide ------------------------------
-def cohort_grids(cohort, mag: float, tile_size: int, min_tissue: float = 0.5) -> dict:
-    """slide_id -> TileGrid for every slide of ``cohort``, cached as HDF5 inside the cohort folder."""
-    from mini_kd.progress import progress
-    from mini_kd.slides import open_slide
-    from mini_kd.tiling import TileGrid, tile_grid
-
-    folder = cohort.root / "grids" / f"{mag:g}x_{tile_size}px_tissue{min_tissue:g}"
-    grids = {}
-    for slide_id in progress(cohort.ids(), desc=f"grids {mag:g}x"):
-        path = folder / f"{slide_id}.h5"
-        if path.exists():
-            grids[slide_id] = TileGrid.load(path)
-            continue
-        with open_slide(cohort.slide_path(slide_id)) as slide:
-            grids[slide_id] = tile_grid(slide, mag, tile_size, min_tissue=min_tissue)
-        grids[slide_id].save(path)
-    return grids
-
-
-def cohort_features(cohort, grids: dict, encoder, batch_size: int = 64, device=None) -> dict:
-    """slide_id -> features (N, D) of every tile of ``grids``, cached inside the cohort folder."""
-    from mini_kd.encoders import extract_cohort
-
-    slides = [(slide_id, cohort.slide_path(slide_id), grids[slide_id]) for slide_id in grids]
-    return extract_cohort(slides, encoder, cohort.root / "features", batch_size=batch_size,
-                          device=device)
-
-
 # -- one region at several magnifications, augmented together (ResKD) -----------------------------
 
 VIEW_SOURCES = ("pyramid", "resize")

@@ -1,4 +1,4 @@
-"""Tile encoders, and feature extraction with an on-disk cache.
+"""Tile encoders: the networks that map a batch of tiles to one embedding per tile.
 
 An **encoder** maps a batch of normalised tiles x (B, 3, S, S) -- the output of
 :func:`mini_kd.data.to_tensor`, the one place images are normalised -- to an embedding per tile.
@@ -28,17 +28,7 @@ Two encoders matter for the course:
   where the block means come from :func:`block_means` and e_l(x^HR_k) is the frozen teacher's
   pooled map at layer l (:meth:`Encoder.embeddings`) for HR tile k.
 
-Feature extraction (:func:`extract_features`, :func:`extract_cohort`) encodes every tile of a
-:class:`~mini_kd.tiling.TileGrid` once and stores CLAM's HDF5 layout, one file per slide,
-
-    {cache_dir}/{encoder.name}-{fingerprint}/{mag}x_{tile}px/{slide_id}.h5
-        features  (N, D) float32        coords  (N, 2) int64 level-0 (x, y)        + attributes
-
-The *fingerprint* is a hash of the encoder's weights (:func:`fingerprint`): a retrained or distilled
-encoder of the same name writes to a new folder instead of silently reusing stale features, and the
-features of several encoders (e.g. one distilled encoder per fold) live side by side. A file is
-reused only when its coordinates equal the grid's; it is written to ``<name>.partial`` and renamed
-(atomic on POSIX), so an interrupted run never leaves a half-written cache file.
+Feature extraction and its on-disk cache live in :mod:`mini_kd.features`.
 """
 
 from __future__ import annotations
@@ -46,13 +36,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from copy import deepcopy
 from functools import partial
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -60,11 +48,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from mini_kd.data import to_tensor
 from mini_kd.errors import MiniKDError
-from mini_kd.progress import progress
-from mini_kd.tiling import TileGrid, tile_loader
-from mini_kd.train import pick_device
 
 
 # -- the interface ---------------------------------------------------------------------------------
@@ -342,160 +326,3 @@ def fingerprint(module: nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:8]
-
-
-# -- feature extraction with an on-disk cache ------------------------------------------------------
-@torch.inference_mode()
-def encode_tiles(slide_path, grid: TileGrid, encoder: nn.Module, batch_size: int = 64,
-                 device=None, num_workers: int = 0, mpp: float | None = None) -> np.ndarray:
-    """float32 (N, D): ``encoder`` applied to every tile of ``grid``, in grid order, no caching.
-
-    Tiles are read with the grid's own level-0 magnification, so that they cover the grid's
-    footprint. The encoder is moved to ``device`` (default: CUDA when available), run in eval
-    mode and in float32 on every device -- the precision of the predictors that encode the same
-    tiles at inference, so a cached feature equals the one a predictor computes -- and given back
-    its training mode afterwards.
-    """
-    device = pick_device(device)
-    was_training = encoder.training
-    encoder.to(device).eval()
-    loader = tile_loader(slide_path, grid, batch_size=batch_size, num_workers=num_workers, mpp=mpp,
-                         magnification=grid.slide_mag)
-    batches = []
-    try:
-        for tiles in progress(loader, desc=f"encode {grid.slide_id}", total=len(loader),
-                              leave=False):
-            x = to_tensor(tiles.to(device, non_blocking=True))  # (B, 3, S, S)
-            batches.append(encoder(x).cpu().numpy())  # (B, D)
-    finally:
-        encoder.train(was_training)
-    if not batches:
-        return np.empty((0, encoder.embed_dim), np.float32)
-    return np.concatenate(batches)  # (N, D)
-
-
-def feature_path(cache_dir, encoder: Encoder, grid: TileGrid, slide_id: str | None = None) -> Path:
-    """``{cache_dir}/{name}-{fingerprint}/{mag}x_{tile}px/{slide_id}.h5``."""
-    return (Path(cache_dir) / f"{encoder.name}-{fingerprint(encoder)}"
-            / f"{grid.mag:g}x_{grid.tile_size}px" / f"{slide_id or grid.slide_id}.h5")
-
-
-def _is_current(path: Path, grid: TileGrid, embed_dim: int) -> bool:
-    """True when ``path`` holds features of exactly ``grid``'s tiles."""
-    try:
-        with h5py.File(path, "r") as f:
-            return (f.attrs["footprint"] == grid.footprint
-                    and f["features"].shape == (len(grid), embed_dim)
-                    and np.array_equal(f["coords"][:], grid.coords))
-    except (OSError, KeyError):  # missing or unreadable: compute it (again)
-        return False
-
-
-def _write_atomically(path: Path, features: np.ndarray, grid: TileGrid, attrs: dict) -> None:
-    """Write ``<path>.partial``, then rename it to ``path``: readers see a whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial_path = path.with_name(path.name + ".partial")
-    try:
-        with h5py.File(partial_path, "w") as f:
-            f.create_dataset("features", data=features)  # (N, D) float32
-            f.create_dataset("coords", data=grid.coords)  # (N, 2) int64
-            f.attrs.update(attrs)
-        os.replace(partial_path, path)
-    except BaseException:  # also Ctrl-C
-        partial_path.unlink(missing_ok=True)
-        raise
-
-
-def cache_features(slide_path, grid: TileGrid, encoder: Encoder, cache_dir, batch_size: int = 64,
-                   device=None, num_workers: int = 0, mpp: float | None = None,
-                   slide_id: str | None = None) -> Path:
-    """The cache file of this slide, grid and encoder; encoded first unless already current."""
-    slide_id = slide_id or grid.slide_id or Path(slide_path).stem
-    path = feature_path(cache_dir, encoder, grid, slide_id)
-    if _is_current(path, grid, encoder.embed_dim):
-        return path
-    features = encode_tiles(slide_path, grid, encoder, batch_size, device, num_workers, mpp)
-    _write_atomically(path, features, grid, dict(
-        encoder=encoder.name, fingerprint=fingerprint(encoder), slide_id=slide_id, mag=grid.mag,
-        tile_size=grid.tile_size, footprint=grid.footprint, slide_mag=grid.slide_mag))
-    return path
-
-
-def load_features(path) -> tuple[torch.Tensor, np.ndarray]:
-    """(features float32 (N, D), coords int64 (N, 2)) from a cache file (CLAM's layout): row n
-    of the features belongs to the tile at coords[n]."""
-    path = Path(path)
-    how = "run mini_kd.encoders.extract_features (or extract_cohort) first"
-    if not path.is_file():
-        raise MiniKDError(f"no features at {path}; {how}")
-    try:
-        with h5py.File(path, "r") as f:
-            features, coords = f["features"][()], f["coords"][()]
-    except OSError as error:
-        raise MiniKDError(f"{path} is not an HDF5 features file ({error}); delete it and {how}") from error
-    except (KeyError, AttributeError, TypeError):  # a dataset missing, or a group of that name
-        raise MiniKDError(f"{path} lacks the 'features' (N, D) or 'coords' (N, 2) dataset of CLAM's "
-                          f"layout; delete it and {how}") from None
-    if (features.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2
-            or len(features) != len(coords)):
-        raise MiniKDError(f"{path} holds features of shape {features.shape} for coords of shape "
-                          f"{coords.shape}, not (N, D) and (N, 2) with one row per tile; delete it "
-                          f"and {how}")
-    return torch.from_numpy(features.astype(np.float32, copy=False)), coords.astype(np.int64, copy=False)
-
-
-def extract_features(slide_path, grid: TileGrid, encoder: Encoder, cache_dir,
-                     batch_size: int = 64, device=None, num_workers: int = 0,
-                     mpp: float | None = None, slide_id: str | None = None) -> torch.Tensor:
-    """float32 (N, D): one embedding per tile of ``grid``, row n for ``grid.coords[n]``.
-
-    Read from the cache when it holds this slide's grid for this encoder's weights; otherwise
-    encoded (:func:`encode_tiles`) and cached first.
-    """
-    path = cache_features(slide_path, grid, encoder, cache_dir, batch_size, device, num_workers,
-                          mpp, slide_id)
-    return load_features(path)[0]
-
-
-class CachedFeatures(Mapping):
-    """slide_id -> features (N, D), read from the cache file on each access (a cohort of
-    features may not fit in memory); ``paths`` maps slide_id -> file."""
-
-    def __init__(self, paths: dict[str, Path]):
-        self.paths = paths
-
-    def __getitem__(self, slide_id: str) -> torch.Tensor:
-        return load_features(self.paths[slide_id])[0]
-
-    def __iter__(self):
-        return iter(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def extract_cohort(slides, encoder: Encoder, cache_dir, rank: int = 0, world_size: int = 1,
-                   batch_size: int = 64, device=None, num_workers: int = 0,
-                   mpp: float | None = None) -> CachedFeatures:
-    """Cache the features of ``slides[rank::world_size]``, a list of (slide_id, slide_path, grid).
-
-    The shard is a pure function of the list and the rank, and slides already cached are
-    skipped, so an interrupted run resumes where it stopped. To spread a cohort over several
-    GPUs (or processes), run the same script under ``torchrun --nproc_per_node=G script.py``
-    with, in the script::
-
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        extract_cohort(slides, encoder, cache_dir, rank=rank, world_size=world_size, device=device)
-
-    Every rank must build ``slides`` in the same order. No process group is needed: ranks write
-    disjoint files. Returns the features of this rank's shard, loaded on access.
-    """
-    if not 0 <= rank < world_size:
-        raise MiniKDError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
-    shard = slides[rank::world_size]
-    paths = {}
-    for slide_id, slide_path, grid in progress(shard, desc=f"features {encoder.name}"):
-        paths[slide_id] = cache_features(slide_path, grid, encoder, cache_dir, batch_size,
-                                         device, num_workers, mpp, slide_id)
-    return CachedFeatures(paths)

@@ -21,7 +21,6 @@ exact coarsening of the HR lattice (step footprint).
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mini_kd.errors import MiniKDError
+from mini_kd.runtime import write_atomically
 from mini_kd.slides import LEVEL_TOLERANCE, Slide, open_slide
 from mini_kd.tissue import tissue_fraction, tissue_mask
 
@@ -78,16 +78,15 @@ class TileGrid:
         path = Path(path)
         if path.is_dir():
             raise MiniKDError(f"{path} is a folder; give the grid a file name, e.g. {path / 'grid.h5'}")
-        partial = path.with_name(path.name + ".partial")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        def write(partial: Path) -> None:
             with h5py.File(partial, "w") as f:
                 dataset = f.create_dataset("coords", data=self.coords)  # (N, 2) int64
                 dataset.attrs.update({name: getattr(self, field) for name, field in GRID_ATTRIBUTES.items()})
                 dataset.attrs.update(overlap=0, name=self.slide_id)
-            os.replace(partial, path)
+
+        try:
+            write_atomically(path, write)
         except OSError as error:
-            partial.unlink(missing_ok=True)
             raise MiniKDError(f"cannot write the grid to {path} ({error}); choose another path") from error
         return path
 

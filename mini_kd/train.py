@@ -25,7 +25,7 @@ over its batch, exactly the gradient of one batch of k samples. A window cut sho
 the epoch (or by skipped batches) is averaged over the batches it did see.
 
 Precision. Training steps and validation run in float32 on every device, as do feature caching
-(:func:`mini_kd.encoders.encode_tiles`) and the methods' predictors: the epoch selected on its
+(:func:`mini_kd.features.encode_tiles`) and the methods' predictors: the epoch selected on its
 validation score is scored at test time by the same arithmetic (under a reduced-precision autocast
 AHDMIL's keep gate 1[S > 0] and the degree-12 Chebyshev recurrence of its heads would move).
 
@@ -39,7 +39,6 @@ produces the same weights as a run that was never interrupted.
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import random
 import re
@@ -58,37 +57,10 @@ from torch import nn
 
 from mini_kd.errors import MiniKDError
 from mini_kd.progress import progress
+from mini_kd.runtime import pick_device, seed_everything, write_atomically
 
 
-# -- seeds, device, frozen teachers ----------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    """Seed python's, numpy's and torch's global generators (every device) and make cuDNN repeatable.
-
-    cuDNN's autotuner picks kernels by timing them, which changes results from run to run; turning
-    it off is cheap. ``torch.use_deterministic_algorithms`` is left alone: it makes some CUDA
-    scatter kernels raise, and on a CPU our ops are repeatable without it.
-    """
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-
-
-def pick_device(device=None) -> torch.device:
-    """The device to run on: ``device`` when given, else CUDA when available, else the CPU.
-
-    This is the one place the package decides the device; nothing assumes a GPU.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MiniKDError(f"device {str(device)!r} was asked for but torch sees no CUDA GPU; "
-                          "pass device=None (or 'cpu') to run on the CPU")
-    return device
-
-
+# -- frozen teachers ------------------------------------------------------------------------------
 def freeze(module: nn.Module) -> nn.Module:
     """Make ``module`` a fixed teacher: no gradients, eval mode, and it stays in eval mode.
 
@@ -430,14 +402,10 @@ def _set_rng_state(state: dict, generators: list[torch.Generator]) -> None:
 
 
 def write_checkpoint(obj, path) -> Path:
-    """``torch.save(obj, path)`` through a temporary file and a rename, creating the folder: an
-    interruption never leaves half a checkpoint (the counterpart of :func:`read_checkpoint`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-    return path
+    """``torch.save(obj, path)`` written atomically (:func:`mini_kd.runtime.write_atomically`),
+    creating the folder: an interruption never leaves half a checkpoint (the counterpart of
+    :func:`read_checkpoint`)."""
+    return write_atomically(path, lambda partial: torch.save(obj, partial))
 
 
 def _save_checkpoint(directory: Path, model, optimizers: dict, history: History, generators,

@@ -19,7 +19,7 @@ import torch
 
 from mini_kd import MiniKDError
 from mini_kd.cli import main
-from mini_kd.encoders import load_features
+from mini_kd.features import load_features
 from mini_kd.phantom import load_cohort
 from mini_kd.pyramid import write_pyramid
 from mini_kd.slides import open_slide
@@ -257,7 +257,7 @@ def features_file(path, features=None, coords=None):
 
 
 FEATURES = {  # name -> (make(path) -> path, message fragment)
-    "missing file": (lambda p: p, "no features at .*extract_features"),
+    "missing file": (lambda p: p, "no features at .*mini-kd extract"),
     "text file": (lambda p: write_text(p, "1,2,3"), "is not an HDF5 features file"),
     "no features dataset": (lambda p: features_file(p, coords=[(0, 0)]),
                             r"lacks the 'features' \(N, D\) or 'coords' \(N, 2\) dataset"),

@@ -10,8 +10,8 @@ from skimage import data as skimage_data
 from mini_kd import MiniKDError
 from mini_kd.data import to_tensor
 from mini_kd.encoders import (EfficientNetLite0, TinyResNetGN, block_means, build_encoder,
-                              copy_encoder, extract_cohort, extract_features, feature_path,
-                              fingerprint, load_features, tiny_resnet_gn)
+                              copy_encoder, fingerprint, tiny_resnet_gn)
+from mini_kd.features import extract_cohort, extract_features, feature_path, load_features
 from mini_kd.pyramid import write_pyramid
 from mini_kd.slides import open_slide
 from mini_kd.tiling import TileGrid, tile_grid
@@ -325,7 +325,7 @@ def test_ranks_split_a_cohort_into_disjoint_shards_that_cover_it(slide_and_grid,
 
 
 def test_loading_features_that_were_never_extracted_says_how_to_fix_it(tmp_path):
-    with pytest.raises(MiniKDError, match="extract_features"):
+    with pytest.raises(MiniKDError, match="mini-kd extract"):
         load_features(tmp_path / "missing.h5")
 
 

@@ -7,7 +7,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from mini_kd import MiniKDError
-from mini_kd.train import FitConfig, fit, freeze, load_checkpoint, pick_device, seed_everything
+from mini_kd.runtime import pick_device, seed_everything
+from mini_kd.train import FitConfig, fit, freeze, load_checkpoint
 
 
 def regression_data(n=16, seed=0):

@@ -128,8 +128,8 @@ from mini_kd.kan import ChebyKAN
 from mini_kd.mil import ABMIL, AttentionPool, InstanceClassifier, masked_softmax, topk_instance_loss
 from mini_kd.phantom import TUMOUR
 from mini_kd.progress import progress
-from mini_kd.train import (FitConfig, fit, foreign_checkpoint, pick_device, read_checkpoint,
-                           seed_everything, write_checkpoint)
+from mini_kd.runtime import pick_device, seed_everything
+from mini_kd.train import FitConfig, fit, foreign_checkpoint, read_checkpoint, write_checkpoint
 
 
 # == 1. configuration ===============================================================================
@@ -618,7 +618,7 @@ class Bag:
 
 def build_bags(cohort, config: AHDMILConfig, encoder=None) -> tuple[dict[str, Bag], dict]:
     """{slide_id: Bag} for the whole cohort, and the HR grids; features come from the cache."""
-    from mini_kd.data import cohort_features, cohort_grids
+    from mini_kd.features import cohort_features, cohort_grids
     from mini_kd.encoders import build_encoder
     from mini_kd.presets import GEOMETRY
     from mini_kd.slides import open_slide

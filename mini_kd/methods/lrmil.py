@@ -73,13 +73,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mini_kd.data import cohort_features, cohort_grids, to_tensor
+from mini_kd.data import to_tensor
+from mini_kd.features import cohort_features, cohort_grids, layer_targets
 from mini_kd.encoders import Encoder, block_means, build_encoder, copy_encoder, fingerprint
 from mini_kd.errors import MiniKDError
 from mini_kd.evaluate import (StageTimer, classification_metrics, repeated_splits, summarize,
@@ -92,8 +92,9 @@ from mini_kd.progress import progress
 from mini_kd.slides import open_slide
 from mini_kd.tiling import MASK_MAG, TileGrid, coarse_grid, tile_grid
 from mini_kd.tissue import tissue_mask
-from mini_kd.train import (FitConfig, fit, foreign_checkpoint, freeze, pick_device,
-                           read_checkpoint, seed_everything, write_checkpoint)
+from mini_kd.runtime import pick_device, seed_everything
+from mini_kd.train import (FitConfig, fit, foreign_checkpoint, freeze, read_checkpoint,
+                           write_checkpoint)
 
 
 # == 1. configuration ===============================================================================
@@ -498,50 +499,6 @@ def _dim(features) -> int:
 
 
 # -- stage 1: targets, data and training ------------------------------------------------------------
-def layer_targets(slide_path, hr_grid: TileGrid, indices: np.ndarray, encoder: Encoder,
-                  layers, cache_dir) -> dict:
-    """{l: (len(indices), C_l)}: the HR encoder's pooled layer-l outputs on those 20x tiles.
-
-    Cached per slide in ``cache_dir`` (a file holds every HR tile of the slide, NaN where not yet
-    computed); only the missing tiles are read and encoded. ``layers`` must exclude the final
-    layer, whose output is the HR feature already cached by :func:`mini_kd.data.cohort_features`.
-    """
-    layers = list(layers)
-    path = Path(cache_dir) / f"{encoder.name}-{fingerprint(encoder)}" / \
-        f"{hr_grid.mag:g}x_{hr_grid.tile_size}px_{'-'.join(layers)}" / f"{hr_grid.slide_id}.h5"
-    stored = _read_targets(path, hr_grid, encoder, layers)
-    missing = np.unique(indices[np.isnan(stored[layers[0]][indices, 0])])
-    if len(missing):
-        device = pick_device()
-        encoder.to(device).eval()
-        with open_slide(slide_path, magnification=hr_grid.slide_mag) as slide, torch.inference_mode():
-            for start in range(0, len(missing), 64):
-                chunk = missing[start:start + 64]
-                tiles = slide.read_tiles(hr_grid.coords[chunk], hr_grid.tile_size, hr_grid.mag)
-                pooled = encoder.embeddings(to_tensor(tiles).to(device), layers)  # {l: (b, C_l)}
-                for layer in layers:
-                    stored[layer][chunk] = pooled[layer].float().cpu().numpy()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        with h5py.File(partial, "w") as f:
-            for layer in layers:
-                f.create_dataset(layer, data=stored[layer])
-            f.create_dataset("coords", data=hr_grid.coords)
-        partial.replace(path)
-    return {layer: torch.from_numpy(stored[layer][indices]) for layer in layers}
-
-
-def _read_targets(path: Path, grid: TileGrid, encoder: Encoder, layers) -> dict:
-    try:
-        with h5py.File(path, "r") as f:
-            if np.array_equal(f["coords"][:], grid.coords):
-                return {layer: f[layer][:] for layer in layers}
-    except (OSError, KeyError):
-        pass
-    return {layer: np.full((len(grid), encoder.channels[layer]), np.nan, np.float32)
-            for layer in layers}
-
-
 def stage1_data(cohort, slide_ids, hr_grids, lr_grids, hr_features, teacher: dict,
                 hr_encoder: Encoder, config: LRMILConfig, cache_dir) -> list[dict]:
     """The stage-1 training set: ``config.stage1_tiles`` LR tiles drawn (seeded) from the LR

@@ -87,8 +87,9 @@ from mini_kd.paths import data_dir
 from mini_kd.progress import progress
 from mini_kd.slides import open_slide
 from mini_kd.tiling import tile_grid
+from mini_kd.runtime import pick_device, seed_everything, write_atomically
 from mini_kd.train import (FitConfig, fit, foreign_checkpoint, freeze, load_checkpoint,
-                           pick_device, read_checkpoint, seed_everything, write_checkpoint)
+                           read_checkpoint, write_checkpoint)
 
 CLASSES = ("normal", "mimic", "tumour")  # region class c = phantom label-map code c + 1
 MIN_INPUT_PX = 8  # smallest side a TinyResNetGN input may have, see check_input_size
@@ -253,13 +254,15 @@ def _cached_regions(key: str, build) -> Regions:
             views = {int(k[5:]): f[k] for k in f.files if k.startswith("view_")}
             return Regions(f["slide_ids"], f["coords"], labels, views)
     regions = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.stem + ".partial.npz")
-    np.savez(partial, slide_ids=regions.slide_ids, coords=regions.coords,
-             labeled=regions.labels is not None,
-             labels=regions.labels if regions.labels is not None else np.zeros(0, np.int64),
-             **{f"view_{n}": v for n, v in regions.views.items()})
-    partial.replace(path)
+
+    def write(partial: Path) -> None:
+        with open(partial, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, slide_ids=regions.slide_ids, coords=regions.coords,
+                     labeled=regions.labels is not None,
+                     labels=regions.labels if regions.labels is not None else np.zeros(0, np.int64),
+                     **{f"view_{n}": v for n, v in regions.views.items()})
+
+    write_atomically(path, write)
     return regions
 
 
