@@ -6,17 +6,14 @@
   class-balanced probabilities, a per-class one-vs-rest metric averaged over the classes, and the
   2.5 / 97.5 percentiles.
 - Spread over folds or repeated stratified splits: mean ± standard deviation.
-- Cost: seconds per stage of a pipeline (read, encode, screen, classify ...), timed from the
-  slide files with the pipelines in a seeded random order per slide (:func:`time_pipelines`),
-  and FLOPs counted by ``torch.utils.flop_counter`` (a multiply-add counts as 2).
+- Cost: FLOPs counted by ``torch.utils.flop_counter`` (a multiply-add counts as 2); seconds per
+  stage come from the slide pipeline (:mod:`mini_kd.inference`).
 """
 
 from __future__ import annotations
 
 import math
-import time
 import warnings
-from contextlib import contextmanager
 from numbers import Real
 from pathlib import Path
 
@@ -237,75 +234,6 @@ def _split_off(index: np.ndarray, labels: np.ndarray, fraction: float, seed: int
 
 
 # -- cost: time per stage and FLOPs ----------------------------------------------------------------
-class StageTimer:
-    """Seconds spent per stage of a pipeline, summed over calls.
-
-    >>> timer = StageTimer()
-    >>> with timer.stage("read"):
-    ...     tiles = slide.read_tiles(coords, 256, 20)      # doctest: +SKIP
-    >>> timer.seconds                                      # doctest: +SKIP
-    {'read': 0.41}
-
-    On CUDA the GPU is synchronised at both ends of a stage, so queued kernels are charged to the
-    stage that launched them.
-    """
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str):
-        _synchronize()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            _synchronize()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-    @property
-    def total(self) -> float:
-        return sum(self.seconds.values())
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def time_pipelines(slide_paths: dict, predictors: dict, seed: int = 0) -> list[dict]:
-    """Seconds per stage of each predictor on each slide, read from the slide file.
-
-    ``slide_paths`` {slide_id: path}; ``predictors`` {name: predictor}, each a callable
-    ``predictor(path) -> {"seconds": {stage: s}, ...}``. Every predictor first runs once, untimed,
-    on the first slide (lazy imports, memory). Then, slide by slide, all predictors classify the
-    slide in an order drawn afresh for every slide from ``numpy.random.default_rng(seed)``: the
-    first to open a slide pays its cold file cache, and the shuffle spreads that cost over the
-    pipelines instead of always charging the same one (the same seed gives the same orders).
-
-    One row per slide and predictor, in the order they ran: ``model``, ``slide_id``, ``position``
-    (0 = first on its slide), ``tiles`` and ``tiles_read`` when the predictor reports them, the
-    seconds of every stage and their ``total``.
-    """
-    from mini_kd.progress import progress
-
-    if not slide_paths:
-        raise MiniKDError("time_pipelines got no slide to time; pass at least one test slide")
-    names = list(predictors)
-    for predictor in predictors.values():
-        predictor(next(iter(slide_paths.values())))
-    rng = np.random.default_rng(seed)
-    rows = []
-    for slide_id, path in progress(slide_paths.items(), desc="timing"):
-        for position, index in enumerate(rng.permutation(len(names)).tolist()):
-            result = predictors[names[index]](path)
-            seconds = result["seconds"]
-            rows.append({"model": names[index], "slide_id": slide_id, "position": position,
-                         **{k: result[k] for k in ("tiles", "tiles_read") if k in result},
-                         **seconds, "total": sum(seconds.values())})
-    return rows
-
-
 def count_flops(model: torch.nn.Module, example_input) -> int:
     """Floating-point operations of one forward pass (a multiply-add = 2), in eval mode, no grad.
 

@@ -5,12 +5,17 @@
   on two CPU cores, large enough that the result tables mean something on the phantom;
 - ``gpu``: a large phantom (or a public cohort, see the README) on one GPU.
 
-All notebooks of one preset share one phantom cohort, generated once and cached under
-``$MINI_KD_DATA/phantom/<preset>``; with ``MINI_KD_COHORT=FOLDER`` the ``gpu`` preset runs on a
-public cohort instead (its figures of ground-truth tumour are then left out: there is none);
-ResKD's region task needs tile labels and stays on the phantom. :func:`real_cohort` gives the
+A preset is a budget, not a cohort: every preset runs on any cohort folder (``slides/`` +
+``labels.csv``, tumour masks optional). By default the notebooks of one preset share one phantom
+cohort, generated once and cached under ``$MINI_KD_DATA/phantom/<preset>``; with
+``MINI_KD_COHORT=FOLDER`` (or ``--cohort FOLDER`` on the command line) every preset runs on that
+folder instead -- the real-tissue cohort, a public cohort, or a user's own slides (figures of
+ground-truth tumour are then left out where there is none). :func:`real_cohort` gives the
 real-tissue cohort of a preset (same layout, label maps included) beside the phantom.
-Method-specific settings live next to each method.
+
+Everything a preset sets lives here: the cohorts, the tile geometry of the MIL methods, and
+each method's training schedule (:data:`SCHEDULES`, :func:`schedule`); the methods' own configs
+keep the papers' values.
 """
 
 from __future__ import annotations
@@ -69,13 +74,30 @@ def real_cohort(preset: str):
                               **REAL_COHORTS[preset])
 
 
-def cohort(preset: str):
-    """The cohort the notebooks run on: :func:`phantom_cohort`, or, for ``gpu`` with
-    ``MINI_KD_COHORT`` set, the public cohort in that folder (``slides/`` + ``labels.csv``, as
-    ``data_scripts/`` download them)."""
+def cohort(preset: str, folder=None):
+    """The cohort a preset runs on: ``folder`` when given, else ``$MINI_KD_COHORT`` when set (a
+    cohort folder: ``slides/`` + ``labels.csv``, as ``data_scripts/`` download them), else the
+    preset's :func:`phantom_cohort`."""
     from mini_kd.phantom import load_cohort
 
-    public = os.environ.get("MINI_KD_COHORT")
-    if public and check_preset(preset) == "gpu":
-        return load_cohort(public)
+    folder = folder or os.environ.get("MINI_KD_COHORT")
+    if folder:
+        check_preset(preset)
+        return load_cohort(folder)
     return phantom_cohort(preset)
+
+
+# Each method's schedule per preset: the fields of its ``Schedule`` dataclass that the preset
+# changes (epochs, batches, tiles per stage, splits); the rest keep the Schedule's defaults.
+SCHEDULES: dict[str, dict[str, dict]] = {
+    "reskd": {"smoke": {}, "book": {}, "gpu": {}},
+    "lrmil": {"smoke": {}, "book": {}, "gpu": {}},
+    "ahdmil": {"smoke": {}, "book": {}, "gpu": {}},
+}
+
+
+def schedule(method: str, preset: str):
+    """``method``'s ``Schedule`` for ``preset``."""
+    from mini_kd.methods import method_module
+
+    return method_module(method).Schedule(**SCHEDULES[method][check_preset(preset)])

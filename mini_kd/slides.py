@@ -180,7 +180,8 @@ class Slide:
 
     Attributes: ``path``, ``slide_id`` (file stem), ``mpp`` (µm/px at level 0), ``magnification``
     (objective power of level 0), ``dimensions`` (level-0 width, height), ``level_count``,
-    ``level_dimensions``, ``level_downsamples``.
+    ``level_dimensions``, ``level_downsamples``, and ``pixels_decoded``: the pixels of every
+    stored tile decoded so far by this slide's reads, the cost a sparse read saves.
     """
 
     def __init__(self, path, mpp: float | None = None, magnification: float | None = None):
@@ -199,6 +200,7 @@ class Slide:
         self.level_count = self._tiff.level_count
         self.level_dimensions = tuple(tuple(d) for d in self._tiff.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._tiff.level_downsamples)
+        self.pixels_decoded = 0  # pixels of the stored tiles decoded so far (what a read costs)
 
     # -- geometry -------------------------------------------------------------------------------
     def downsample(self, mag: float) -> float:
@@ -255,6 +257,7 @@ class Slide:
                                       [page.databytecounts[i] for i in overlaps],
                                       list(overlaps), lock=file.lock)  # (bytes, index), file order
         _each(paste, segments, self.decode_threads if len(overlaps) > 1 else 1)
+        self.pixels_decoded += len(overlaps) * grid.tile_height * grid.tile_width
         return regions
 
     def _plan(self, size: int, mag: float) -> tuple[int, int]:

@@ -10,8 +10,8 @@ import torch
 import mini_kd.encoders
 import mini_kd.presets
 from mini_kd.encoders import build_encoder
-from mini_kd.evaluate import time_pipelines
-from mini_kd.methods import ahdmil, lrmil
+from mini_kd.experiments import time_pipelines
+from mini_kd.methods import Prediction, ahdmil, lrmil
 from mini_kd.phantom import make_cohort
 from mini_kd.train import FitConfig, fit
 
@@ -32,7 +32,8 @@ class Recorder:
 
     def __call__(self, path):
         self.log.append((self.name, path))
-        return {"seconds": {"read": 1.0, "encode": 2.0}, "tiles": 4, "tiles_read": 3}
+        return Prediction("s", 0, 0.5, tiles_read={20.0: 3, 1.25: 1}, pixels_decoded=7,
+                          seconds={"read": 1.0, "encode": 2.0})
 
 
 def timed_order(seed, n_slides=8):
@@ -51,7 +52,7 @@ def test_time_pipelines_warms_up_then_shuffles_the_order_per_slide_with_a_seed()
     assert set(firsts) == {"hr", "lr"}  # both orders occur
     assert [(row["model"], row["slide_id"], row["position"]) for row in rows] == [
         (name, path.split("/")[-1][:-4], i % 2) for i, (name, path) in enumerate(runs)]
-    assert rows[0]["total"] == 3.0 and rows[0]["tiles"] == 4 and rows[0]["tiles_read"] == 3
+    assert rows[0]["total"] == 3.0 and rows[0]["tiles_read"] == 4 and rows[0]["pixels_decoded"] == 7
     assert timed_order(seed=0)[0] == log  # the same seed, the same orders
     assert timed_order(seed=1)[0] != log
 

@@ -10,7 +10,8 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch import nn
 
 from mini_kd import MiniKDError
-from mini_kd.evaluate import (StageTimer, bootstrap_ci, bootstrap_indices, class_balanced_weights,
+from mini_kd.inference import StageTimer
+from mini_kd.evaluate import (bootstrap_ci, bootstrap_indices, class_balanced_weights,
                               classification_metrics, count_flops, format_mean_std, gflops,
                               repeated_splits, summarize)
 

@@ -122,8 +122,9 @@ from torch import nn
 
 from mini_kd.data import to_tensor
 from mini_kd.errors import MiniKDError
-from mini_kd.evaluate import (StageTimer, classification_metrics, repeated_splits, summarize,
-                              time_pipelines)
+from mini_kd.evaluate import classification_metrics, repeated_splits, summarize
+from mini_kd.experiments import time_pipelines
+from mini_kd.inference import StageTimer
 from mini_kd.kan import ChebyKAN
 from mini_kd.mil import ABMIL, AttentionPool, InstanceClassifier, masked_softmax, topk_instance_loss
 from mini_kd.phantom import TUMOUR

@@ -82,8 +82,9 @@ from mini_kd.data import to_tensor
 from mini_kd.features import cohort_features, cohort_grids, layer_targets
 from mini_kd.encoders import Encoder, block_means, build_encoder, copy_encoder, fingerprint
 from mini_kd.errors import MiniKDError
-from mini_kd.evaluate import (StageTimer, classification_metrics, repeated_splits, summarize,
-                              time_pipelines)
+from mini_kd.evaluate import classification_metrics, repeated_splits, summarize
+from mini_kd.experiments import time_pipelines
+from mini_kd.inference import StageTimer
 from mini_kd.kd import attention_kl_loss, soft_target_loss
 from mini_kd.mil import ABMIL, InstanceClassifier, masked_softmax, topk_instance_loss
 from mini_kd.phantom import TUMOUR

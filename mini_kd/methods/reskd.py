@@ -81,7 +81,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from mini_kd.data import PairedViews, paired_transform, region_views, to_tensor
 from mini_kd.encoders import TinyResNetGN
 from mini_kd.errors import MiniKDError
-from mini_kd.evaluate import StageTimer, bootstrap_ci, classification_metrics, count_flops, plain
+from mini_kd.evaluate import bootstrap_ci, classification_metrics, count_flops, plain
+from mini_kd.inference import StageTimer
 from mini_kd.kd import feature_map_loss, soft_target_loss
 from mini_kd.paths import data_dir
 from mini_kd.progress import progress
