@@ -167,6 +167,42 @@ def bootstrap_ci(y_true, y_pred, metric: str = "accuracy", n: int = 10_000,
     return point, float(low), float(high)
 
 
+# -- slide-level metrics with a bootstrap interval over slides ------------------------------------
+def slide_metrics(y_true, p, n: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """AUC, accuracy and weighted F1 of slide probabilities ``p`` (N,) = P(class 1) for labels
+    ``y_true`` (N,) in {0, 1}, each with its (1 - alpha) percentile interval over ``n`` bootstrap
+    resamples of the slides.
+
+    The resamples are stratified: each draws n_1 tumour and n_0 normal slides with replacement, so
+    every resample holds both classes (the AUC is defined) in the proportions of ``y_true``. The
+    AUC of a resample is the Mann-Whitney statistic, P(p_tumour > p_normal) + ½ P(tie).
+    Returns ``{"auc", "auc_ci", "accuracy", "accuracy_ci", "f1", "f1_ci", "n_slides"}``.
+    """
+    y_true, p = np.asarray(y_true).astype(np.int64), np.asarray(p, dtype=np.float64)
+    point = classification_metrics(y_true, p)
+    out = {"n_slides": int(len(y_true))}
+    positives, negatives = p[y_true == 1], p[y_true == 0]
+    if not len(positives) or not len(negatives):
+        return {**out, **{k: point[k] for k in ("auc", "accuracy", "f1")},
+                "auc_ci": [math.nan] * 2, "accuracy_ci": [math.nan] * 2, "f1_ci": [math.nan] * 2}
+    rng = np.random.default_rng(seed)
+    pos = positives[rng.integers(0, len(positives), (n, len(positives)))]  # (n, n_1)
+    neg = negatives[rng.integers(0, len(negatives), (n, len(negatives)))]  # (n, n_0)
+    greater = (pos[:, :, None] > neg[:, None, :]).mean(axis=(1, 2))
+    ties = (pos[:, :, None] == neg[:, None, :]).mean(axis=(1, 2))
+    tp, fn = (pos > 0.5).sum(1), (pos <= 0.5).sum(1)  # (n,) per resample; > 0.5 as argmax
+    tn, fp = (neg <= 0.5).sum(1), (neg > 0.5).sum(1)
+    total = len(positives) + len(negatives)
+    f1_tumour = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+    f1_normal = 2 * tn / np.maximum(2 * tn + fn + fp, 1)
+    draws = {"auc": greater + ties / 2, "accuracy": (tp + tn) / total,
+             "f1": (len(positives) * f1_tumour + len(negatives) * f1_normal) / total}
+    for name, values in draws.items():
+        out[name] = point[name]
+        out[f"{name}_ci"] = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)]).tolist()
+    return out
+
+
 # -- spread over folds and splits ------------------------------------------------------------------
 def summarize(runs: list[dict]) -> dict:
     """``{metric: (mean, std)}`` over runs (folds, repeated splits) for every numeric metric.

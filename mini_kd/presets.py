@@ -101,3 +101,16 @@ def schedule(method: str, preset: str):
     from mini_kd.methods import method_module
 
     return method_module(method).Schedule(**SCHEDULES[method][check_preset(preset)])
+
+
+def config(method: str, preset: str, **overrides):
+    """``method``'s ``Config`` with the preset's tile geometry (:data:`GEOMETRY`) on the paper's
+    defaults -- the fields of the Config named like a GEOMETRY key -- then ``overrides``."""
+    from dataclasses import fields
+
+    from mini_kd.methods import method_module
+
+    Config = method_module(method).Config
+    names = {f.name for f in fields(Config)}
+    geometry = {k: v for k, v in GEOMETRY[check_preset(preset)].items() if k in names}
+    return Config(**{**geometry, **overrides})

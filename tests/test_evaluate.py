@@ -11,7 +11,7 @@ from torch import nn
 
 from mini_kd import MiniKDError
 from mini_kd.inference import StageTimer
-from mini_kd.evaluate import (bootstrap_ci, bootstrap_indices, class_balanced_weights,
+from mini_kd.evaluate import (slide_metrics, bootstrap_ci, bootstrap_indices, class_balanced_weights,
                               classification_metrics, count_flops, format_mean_std, gflops,
                               repeated_splits, summarize)
 
@@ -151,3 +151,34 @@ def test_plain_makes_strict_json_of_numpy_values_and_undefined_metrics():
     out = plain(value)
     assert out == {"auc": None, "n": 3, "ci": [0.5, 1.0], "rows": [1, 2], "path": "a/b", "4": [None]}
     json.dumps(out, allow_nan=False)  # raises ValueError on any NaN left
+
+
+# -- slide metrics with a stratified bootstrap over slides ----------------------------------------
+def test_slide_metrics_by_hand_and_their_intervals():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.1, 0.6, 0.4, 0.9])  # pairs (tumour > normal): 0.4>0.1, 0.9>0.1, 0.9>0.6 -> 3/4
+    out = slide_metrics(y, p, n=4000, seed=1)
+    assert out["auc"] == 0.75 and out["accuracy"] == 0.5 and out["n_slides"] == 4
+    assert out["auc_ci"][0] < 0.75 < out["auc_ci"][1] and out["auc_ci"][1] == 1.0
+    separated = slide_metrics(y, np.array([0.1, 0.2, 0.8, 0.9]), n=500)
+    assert separated["auc_ci"] == [1.0, 1.0] and separated["accuracy_ci"] == [1.0, 1.0]
+
+
+def test_slide_metrics_interval_narrows_with_more_slides_and_matches_a_resample_by_hand():
+    rng = np.random.default_rng(0)
+
+    def cohort(size):
+        y = np.repeat([0, 1], size // 2)
+        return y, np.clip(0.35 * y + 0.65 * rng.random(size), 0, 1)
+
+    small, large = slide_metrics(*cohort(20), n=1000), slide_metrics(*cohort(400), n=1000)
+    width = lambda out: out["auc_ci"][1] - out["auc_ci"][0]  # noqa: E731
+    assert width(large) < width(small) / 2.5  # about 1/sqrt(20) of the width
+    y, p = cohort(30)
+    out = slide_metrics(y, p, n=3000, seed=3)
+    # the bootstrap distribution is centred on the point estimate (a stratified resample by hand)
+    draws = [classification_metrics(y[i], p[i])["auc"] for i in
+             (np.concatenate([rng.choice(np.flatnonzero(y == c), 15) for c in (0, 1)])
+              for _ in range(300))]
+    assert abs(np.mean(draws) - out["auc"]) < 0.03
+    assert out["auc_ci"][0] < np.mean(draws) < out["auc_ci"][1]

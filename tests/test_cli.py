@@ -1,0 +1,76 @@
+"""The command line a user trains with: extract (also sharded under torchrun), train, evaluate,
+predict -- each through ``cli.main`` as a user would call it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mini_kd.cli import main
+from mini_kd.phantom import make_cohort
+
+EXTRACT = ["--mag", "5", "--tile-size", "32", "--encoder", "tiny_resnet_gn", "--random-weights"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Six phantom slides of 768 px (three tumour), with labels.csv and tumour masks."""
+    return make_cohort(tmp_path_factory.mktemp("cli") / "cohort", n_slides=6, slide_size=768)
+
+
+def features_in(folder: Path) -> dict:
+    """{slide_id: (features, coords)} of every .h5 file below ``folder``."""
+    out = {}
+    for path in sorted(folder.rglob("*.h5")):
+        with h5py.File(path, "r") as f:
+            out[path.stem] = (f["features"][()], f["coords"][()])
+    return out
+
+
+def test_extract_writes_clam_layout_features_and_skips_slides_already_done(cohort, tmp_path, capsys):
+    out = tmp_path / "features"
+    assert main(["extract", str(cohort.root), *EXTRACT, "--out", str(out)]) == 0
+    found = features_in(out)
+    assert sorted(found) == cohort.ids()
+    features, coords = found[cohort.ids()[0]]
+    assert features.dtype == np.float32 and features.shape[1] == 256 and coords.shape == (len(features), 2)
+    assert "features of 6 slides" in capsys.readouterr().out
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")}
+    assert main(["extract", str(cohort.root), *EXTRACT, "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")} == stamps  # nothing re-encoded
+
+
+def test_extract_under_torchrun_with_two_processes_equals_one_process(cohort, tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert main(["extract", str(cohort.root), *EXTRACT, "--out", str(single)]) == 0
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINI_KD_QUIET": "1"}
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "mini_kd.cli",
+                          "extract", str(cohort.root), *EXTRACT, "--out", str(sharded)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rank 0/2: features of 3 slides" in run.stdout and "rank 1/2: features of 3 slides" in run.stdout
+    one, two = features_in(single), features_in(sharded)
+    assert sorted(one) == sorted(two) == cohort.ids()
+    for slide_id in one:
+        np.testing.assert_array_equal(one[slide_id][1], two[slide_id][1])
+        np.testing.assert_allclose(one[slide_id][0], two[slide_id][0], rtol=1e-5, atol=1e-6)
+
+
+def test_extract_reports_a_damaged_slide_in_one_line_and_keeps_the_others(cohort, tmp_path, capsys):
+    folder = tmp_path / "slides"
+    shutil.copytree(cohort.root / "slides", folder)
+    damaged = folder / f"{cohort.ids()[1]}.svs"
+    damaged.write_bytes(damaged.read_bytes()[:5000])
+    out = tmp_path / "features"
+    assert main(["extract", str(folder), *EXTRACT, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 of 6 slides failed" in err[0] and damaged.name in err[0]
+    assert sorted(features_in(out)) == [i for i in cohort.ids() if i != cohort.ids()[1]]
+    assert main(["extract", str(tmp_path / "nowhere"), *EXTRACT, "--out", str(out)]) == 2
