@@ -239,10 +239,19 @@ def test_lipn_branch_keeps_the_papers_map_sizes_on_16_and_8_px_crops():
     assert lipn(crops).shape == (2, 5, 2) and lipn.fused(crops).shape == (5, 2)
 
 
-def test_every_preset_reads_one_screen_crop_per_20x_tile_with_the_same_footprint():
-    for preset in PRESETS:
-        g = GEOMETRY[preset]
-        assert g["hr_tile"] * g["screen_mag"] / g["hr_mag"] == g["screen_tile"]  # 256 -> 16, 128 -> 8
+def test_every_preset_reads_one_screen_crop_per_20x_tile_with_the_same_footprint(tiny_slides):
+    screen_tile = {128: 8, 256: 16}  # 20x / 1.25x = 16: a 128-px 20x tile is 8 px at 1.25x
+    with open_slide(tiny_slides / "tiny_1.svs") as slide:  # 512 x 512 px at 20x
+        for preset in PRESETS:
+            g = GEOMETRY[preset]
+            assert g["screen_tile"] == screen_tile[g["hr_tile"]]
+            grid = tile_grid(slide, g["hr_mag"], g["hr_tile"], min_tissue=0.25)  # gpu: all 4 tiles
+            crops = ahdmil.read_screen_crops(slide, same_footprint(grid, g["screen_mag"]))
+            assert len(grid) > 1 and crops.shape == (len(grid), g["screen_tile"], g["screen_tile"], 3)
+            shrunk = downsample_views(slide.read_tiles(grid.coords, g["hr_tile"], g["hr_mag"]),
+                                      g["hr_tile"] // g["screen_tile"])
+            distance = np.abs(crops[:, None].astype(float) - shrunk[None].astype(float)).mean(axis=(2, 3, 4))
+            assert (distance.argmin(axis=1) == np.arange(len(grid))).all()  # crop n looks like tile n
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +356,125 @@ def test_lipn_step_skips_a_slide_whose_loss_is_not_finite():
     bag = tiny_bags()[1].item()
     bag["crops"] = torch.full_like(bag["crops"], float("nan"))
     assert ahdmil.lipn_step(model, bag, tiny_config()) is None
+
+
+def parameters_of(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def moved(before, after):
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+def test_step2_moves_only_db_lipn_in_its_step_and_only_dmin_in_the_fine_tuning_step(monkeypatch):
+    """Per slide, the DB-LIPN update (L_AD) leaves DMIN as it is, and DMIN's update (CE) DB-LIPN."""
+    seen = []  # (step, parameters, parameters holding a gradient) as each step starts
+
+    def recording(name, step):
+        def run(model, batch, *args):
+            waiting = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+            seen.append((name, parameters_of(model), waiting))
+            return step(model, batch, *args)
+        return run
+
+    monkeypatch.setattr(ahdmil, "lipn_step", recording("lipn", ahdmil.lipn_step))
+    monkeypatch.setattr(ahdmil, "finetune_step", recording("dmin", ahdmil.finetune_step))
+    bags = tiny_bags()
+    torch.manual_seed(0)
+    dmin = ahdmil.DMIN(6, hidden=8, attention_hidden=4, degree=3)
+    ahdmil._step2_try(dmin, bags[:3], bags[4:], tiny_config(step2_epochs=1, weight_decay=1e-2))
+    assert [name for name, _, _ in seen] == ["lipn", "dmin"] * 3  # 3 slides, DB-LIPN first
+    assert [waiting for _, _, waiting in seen] == [set()] * 6  # no gradient left for the other step
+    for (name, before, _), (_, after, _) in zip(seen, seen[1:]):  # cross-EMA comes after the last
+        changed = moved(before, after)
+        if name == "lipn":
+            assert {"lipn.branches.0.classifier.weight", "lipn.branches.1.classifier.weight"} <= changed
+            assert {n for n in changed if not n.startswith("lipn.")} == set()
+        else:
+            assert {"dmin.projection.0.weight", "dmin.attention.V.weight"} <= changed
+            assert {n for n in changed if not n.startswith("dmin.")} == set()
+
+
+def test_finetune_step_is_the_cross_entropy_of_dmin_pooled_per_class_over_the_kept_tiles():
+    torch.manual_seed(0)
+    dmin = ahdmil.DMIN(6, hidden=8, attention_hidden=4, head="linear", dropout=0.0)
+    model = ahdmil.AHDMIL(dmin, ahdmil.DBLIPN(2, 4)).train()
+    modes = []
+
+    def screen(crops):  # DB-LIPN stand-in: class c's logit is red pixel (0, c) of the crop
+        modes.append(model.lipn.training)
+        return crops[:, 0, 0, :2]
+
+    model.lipn.fused = screen
+    crops = torch.full((5, 3, 4, 4), -1.0)
+    crops[[0, 2], 0, 0, 0] = 1.0  # class 0 keeps tiles 0 and 2
+    crops[1, 0, 0, 1] = 1.0       # class 1 keeps tile 1; no class keeps tiles 3 and 4
+    features = torch.randn(5, 6)
+
+    def finetune(features):
+        return ahdmil.finetune_step(model, {"features": features, "crops": crops, "label": torch.tensor(1)})
+
+    loss, metrics = finetune(features)
+    assert modes == [False] and model.lipn.training  # DB-LIPN screens in eval mode
+    assert metrics["keep_rate"] == pytest.approx(3 / 5)
+    with torch.no_grad():
+        H, S = dmin.embed(features)
+        e0, e2 = S[0, 0].exp(), S[2, 0].exp()
+        z0 = (e0 * H[0] + e2 * H[2]) / (e0 + e2)  # class 0: softmax over tiles 0 and 2
+        z1 = H[1]                                  # class 1: its one tile gets all the weight
+        head0, head1 = dmin.classifiers.heads
+        logit0 = head0.weight[0] @ z0 + head0.bias[0]
+        logit1 = head1.weight[0] @ z1 + head1.bias[0]
+        ce = -logit1 + torch.log(logit0.exp() + logit1.exp())  # −log softmax(logits)[label = 1]
+    assert loss.item() == pytest.approx(ce.item(), rel=1e-5)
+    unkept, kept = features.clone(), features.clone()
+    unkept[3:] += 5.0
+    kept[2] += 5.0
+    with torch.no_grad():
+        assert finetune(unkept)[0].item() == loss.item()
+        assert abs(finetune(kept)[0].item() - loss.item()) > 1e-3
+
+
+def test_step1_keeps_the_epoch_with_the_lowest_validation_loss_from_min_epochs_on(monkeypatch):
+    """Scripted validation losses: epoch 1 is lowest but before min_epochs = 2, so epoch 3 is kept."""
+    scripted = {1: 0.1, 2: 0.6, 3: 0.4, 4: 0.5}
+    bags = tiny_bags()
+    train, val = bags[:4], bags[4:]
+    weights, calls, real_val_step = {}, [], ahdmil.dmin_val_step
+
+    def val_step(dmin, batch, min_keep=1):
+        epoch = len(calls) // len(val) + 1
+        calls.append(epoch)
+        weights[epoch] = {name: value.clone() for name, value in dmin.state_dict().items()}
+        return {**real_val_step(dmin, batch, min_keep), "loss": scripted[epoch]}
+
+    monkeypatch.setattr(ahdmil, "dmin_val_step", val_step)
+    dmin, history = ahdmil.train_step1(train, val, tiny_config(epochs=4, min_epochs=2))
+    assert history.column("val_loss") == pytest.approx([0.1, 0.6, 0.4, 0.5])
+    assert history.best_epoch == 3 and history.best_score == pytest.approx(0.4)
+    for name, value in dmin.state_dict().items():
+        torch.testing.assert_close(value, weights[3][name], rtol=0, atol=0)
+    assert moved(weights[3], weights[4]) and moved(weights[1], weights[3])  # epochs really differ
+
+
+def test_step1_validates_on_dmins_eval_path_its_own_mask_with_dropout_off():
+    """The history's best validation loss is the CE of the returned DMIN pooled over 1[S > 0]."""
+    bags = tiny_bags()
+    train, val = bags[:4], bags[4:]
+    dmin, history = ahdmil.train_step1(train, val, tiny_config(epochs=3, min_epochs=2, dropout=0.9))
+    losses = []
+    with torch.no_grad():
+        for bag in val:
+            S = dmin.attention_logits(bag.features)  # (N, 2)
+            keep = S > 0
+            for c in range(2):  # a class that keeps nothing keeps its best tile
+                keep[S[:, c].argmax(), c] |= not keep[:, c].any()
+            logits = dmin.classify(bag.features, keep)
+            losses.append((torch.logsumexp(logits, 0) - logits[bag.label]).item())
+    best = history.rows[history.best_epoch - 1]
+    assert history.best_epoch >= 2
+    assert best["val_loss"] == min(row["val_loss"] for row in history.rows if row["epoch"] >= 2)
+    assert best["val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
 
 
 def test_same_seed_gives_the_same_numbers_and_another_seed_does_not():
