@@ -1,8 +1,8 @@
-"""ResKD on the phantom: accuracy and FLOPs of the HR teacher, KD and CE students at ÷2..÷16,
-and the KD student with more unlabeled slides.
+"""ResKD: accuracy and FLOPs of the HR teacher, KD and CE students at ÷2..÷16, the KD student with
+more unlabeled slides, and every network as a slide classifier with its seconds per slide.
 
-Runs :func:`mini_kd.methods.reskd.run_experiment`, the same function notebook 02 runs, and
-writes its results plus the targets, met or not:
+Runs :func:`mini_kd.experiments.reskd.run_experiment`, the same function notebook 02 runs, and
+writes its JSON, with the targets, met or not:
 
 - the ÷8 student needs at least 64x fewer FLOPs (measured) and is within 2 accuracy points of
   the teacher;
@@ -11,42 +11,31 @@ writes its results plus the targets, met or not:
 Trained networks are checkpointed under $MINI_KD_DATA/reskd, so running this after the notebook
 (same preset) reloads them instead of training again.
 
-    python benchmarks/reskd.py --preset book --out benchmarks/results/reskd.json
+    python benchmarks/reskd.py --preset book --out benchmarks/results/reskd.json [--cohort FOLDER]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 from pathlib import Path
 
-import torch
-
-from mini_kd.evaluate import plain
-from mini_kd.methods import reskd
+from mini_kd.experiments.reskd import run_experiment
+from mini_kd.presets import PRESETS, cohort
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=reskd.PRESETS, default="smoke")
+    parser.add_argument("--preset", choices=PRESETS, default="smoke")
+    parser.add_argument("--cohort", type=Path, default=None,
+                        help="a cohort folder (slides/ + labels.csv); default: the preset's phantom")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/reskd.json"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # as notebook 02: small networks on a shared CPU run faster on one
-    start = time.perf_counter()
-    results = reskd.run_experiment(reskd.config_for(args.preset))
-    results["targets"] = reskd.check_targets(results)
-    results["flop_reduction_by_region_size"] = reskd.flop_reductions()
-    results["wall_seconds"] = time.perf_counter() - start
-    results["machine"] = {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                          "cuda": torch.cuda.is_available()}
+    results = run_experiment(args.preset, cohort(args.preset, args.cohort)).to_json()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    results = plain(results)
     args.out.write_text(json.dumps(results, indent=2, allow_nan=False))
-    summary = {key: results[key] for key in ("teacher", "students", "unlabeled", "targets",
-                                             "flop_reduction_by_region_size", "wall_seconds")}
-    print(json.dumps(summary, indent=2))
+    print(json.dumps({key: results[key] for key in ("teacher", "region_scores", "unlabeled",
+                                                    "targets", "seconds_experiment")}, indent=2))
 
 
 if __name__ == "__main__":

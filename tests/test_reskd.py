@@ -1,38 +1,43 @@
-"""ResKD: paired views, the losses in the method, label-free distillation, FLOPs, the CLI."""
+"""ResKD: paired views, the losses in the method, label-free distillation, FLOPs, fit / save /
+load / predict, weak labels without label maps, the experiment, the CLI."""
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
 import torch
 
-from mini_kd import MiniKDError
+from mini_kd import MiniKDError, methods
 from mini_kd.data import PairedViews, downsample_views, paired_transform, region_views
 from mini_kd.encoders import TinyResNetGN
 from mini_kd.evaluate import count_flops
+from mini_kd.experiments import reskd as experiment
 from mini_kd.methods import reskd
-from mini_kd.methods.reskd import Regions, ResKDConfig, TeacherTargets
-from mini_kd.phantom import make_cohort
+from mini_kd.methods.reskd import Regions
+from mini_kd.phantom import load_cohort, make_cohort
 from mini_kd.slides import open_slide
+
+CONFIG_FIELDS = {f.name for f in fields(reskd.Config)}
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread, as notebook 02 and the benchmark run: on a shared 2-core machine two
-    threads made these small networks' steps up to 25x slower (measured)."""
+    """One torch thread, as the experiment runs: on a shared 2-core machine two threads made
+    these small networks' steps up to 25x slower (measured)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-def _config(tmp_path, **overrides) -> ResKDConfig:
+def _setup(tmp_path, **overrides) -> tuple[reskd.Config, reskd.Schedule]:
     """64-px regions, one ÷2 student (teacher maps 2 x 2, student maps 1 x 1): every step runs in
-    well under a second."""
-    settings = dict(preset="smoke", device="cpu", region_size=64, factors=(2,), unlabeled_factor=2, epochs=1,
-                    teacher_epochs=1, batch_size=4, accumulate=1, n_views=1, bootstrap=200,
-                    checkpoint_dir=str(tmp_path / "checkpoints"))
-    return ResKDConfig(**{**settings, **overrides})
+    well under a second. ``overrides`` go to the Config or the Schedule, whichever has the field."""
+    settings = {**dict(device="cpu", region_size=64, factors=(2,), unlabeled_factor=2, epochs=1,
+                       teacher_epochs=1, batch_size=4, accumulate=1, n_views=1, bootstrap=200,
+                       checkpoint_dir=str(tmp_path / "checkpoints")), **overrides}
+    return (reskd.Config(**{k: v for k, v in settings.items() if k in CONFIG_FIELDS}),
+            reskd.Schedule(**{k: v for k, v in settings.items() if k not in CONFIG_FIELDS}))
 
 
 def _regions(n=8, size=64, factor=2, seed=0, labels=True) -> Regions:
@@ -59,6 +64,10 @@ class LabelsForbidden(Regions):
 def _teacher(seed=1):
     torch.manual_seed(seed)
     return TinyResNetGN(n_classes=3)
+
+
+def _targets(teacher, images):
+    return reskd.teacher_targets(teacher, images, "cpu")
 
 
 def _weights(model):
@@ -120,6 +129,21 @@ def cohort(tmp_path_factory):
     return make_cohort(tmp_path_factory.mktemp("phantom"), n_slides=6, slide_size=512, seed=0)
 
 
+@pytest.fixture(scope="module")
+def unmasked(cohort, tmp_path_factory):
+    """The same cohort without its label maps (``masks/`` deleted): slide labels only."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("unmasked") / "cohort"
+    shutil.copytree(cohort.root, root, ignore=shutil.ignore_patterns("grids", "features"))
+    shutil.rmtree(root / "masks")
+    return load_cohort(root)
+
+
+def _split(cohort):
+    return {name: cohort.ids(name) for name in ("train", "val", "test")}
+
+
 def test_region_views_from_the_pyramid_and_by_resizing(cohort):
     with open_slide(cohort.slide_path(cohort.ids()[0])) as slide:
         coords = np.array([[128, 128], [256, 192]])
@@ -128,22 +152,33 @@ def test_region_views_from_the_pyramid_and_by_resizing(cohort):
     assert [v.shape for v in pyramid] == [(2, 64, 64, 3), (2, 32, 32, 3), (2, 16, 16, 3), (2, 4, 4, 3)]
     assert np.array_equal(pyramid[0], resized[0])  # the same HR pixels
     # 5x is a stored level (its own JPEG): close to, but not the same as, the resized view
-    assert 25 < reskd.psnr(pyramid[2], resized[2]) < np.inf
+    assert 25 < experiment.psnr(pyramid[2], resized[2]) < np.inf
     with pytest.raises(MiniKDError, match="divisor"):
         region_views(slide, coords, 64, (3,))
 
 
-def test_labeled_regions_come_from_their_split_with_label_map_classes(cohort, tmp_path, monkeypatch):
-    monkeypatch.setenv("MINI_KD_DATA", str(tmp_path))
-    config = _config(tmp_path, region_size=64, factors=(2, 8), purity=0.5, regions_per_class=4)
-    regions = reskd.labeled_regions(cohort, "train", config)
+def test_labeled_regions_come_from_their_slides_with_label_map_classes(cohort, tmp_path):
+    config, schedule = _setup(tmp_path, region_size=64, purity=0.5, regions_per_class=4)
+    regions = reskd.labeled_regions(cohort, cohort.ids("train"), config, schedule, (2, 8))
     assert set(regions.slide_ids) <= set(cohort.ids("train"))
     assert set(regions.views) == {1, 2, 8} and regions.views[8].shape[1:] == (8, 8, 3)
     for slide_id, (x, y), label in zip(regions.slide_ids, regions.coords, regions.labels):
         fractions = cohort.tile_fractions(slide_id, [(x, y)], 64)[0]
         assert fractions[label + 1] >= 0.5
-    again = reskd.labeled_regions(cohort, "train", config)  # from the cache
-    assert np.array_equal(again.views[2], regions.views[2])
+
+
+def test_the_experiment_caches_regions_on_disk_and_builds_them_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINI_KD_DATA", str(tmp_path))
+    built = []
+
+    def build():
+        built.append(1)
+        return _regions(n=3)
+
+    first = experiment._cached_regions("k", build)
+    again = experiment._cached_regions("k", build)
+    assert len(built) == 1 and np.array_equal(again.views[2], first.views[2])
+    assert np.array_equal(again.labels, first.labels) and again.slide_ids.tolist() == ["s"] * 3
 
 
 def _cohort_with_label_map(cohort, root, label_map):
@@ -151,8 +186,6 @@ def _cohort_with_label_map(cohort, root, label_map):
     import shutil
 
     from PIL import Image
-
-    from mini_kd.phantom import load_cohort
 
     shutil.copytree(cohort.root, root, ignore=shutil.ignore_patterns("grids", "features"))
     Image.fromarray(label_map).save(root / "masks" / f"{cohort.ids()[0]}.png")
@@ -164,8 +197,8 @@ def test_class_candidates_are_the_lattice_squares_that_one_class_fills(cohort, t
     label_map = np.ones((128, 128), np.uint8)
     label_map[:16, :16] = 3
     edited = _cohort_with_label_map(cohort, tmp_path / "edited", label_map)
-    config = _config(tmp_path, region_size=64, region_stride=32, purity=0.6)
-    corners, classes = reskd.class_candidates(edited, edited.ids()[0], config)
+    config, schedule = _setup(tmp_path, region_size=64, region_stride=32, purity=0.6)
+    corners, classes = reskd.class_candidates(edited, edited.ids()[0], config, schedule)
     # corners 0, 32, ..., 448 on both axes: 15 x 15; (0, 0) is all tumour, (32, 0) and (0, 32)
     # half tumour (pure in nothing), (32, 32) three quarters normal; the other 221 all normal
     assert corners[classes == 2].tolist() == [[0, 0]]
@@ -174,18 +207,43 @@ def test_class_candidates_are_the_lattice_squares_that_one_class_fills(cohort, t
 
 
 def test_the_slides_take_turns_so_a_rare_class_fills_its_quota_from_the_slides_that_hold_it(tmp_path):
-    config = _config(tmp_path, regions_per_class=3)
-    corners = lambda n, x0: np.column_stack([np.arange(x0, x0 + n), np.zeros(n)]).astype(np.int64)  # noqa: E731
+    _, schedule = _setup(tmp_path, regions_per_class=3)
+    corners = lambda n, x0: np.column_stack([np.arange(x0, x0 + n), np.zeros(n)]).astype(np.int64)
     candidates = [(corners(5, 0), np.array([2, 2, 2, 2, 0])),   # slide 0: four tumour, one normal
                   (corners(1, 100), np.array([2])),             # slide 1: one tumour
                   (corners(2, 200), np.array([0, 0]))]          # slide 2: two normal
-    picks = reskd._round_robin(candidates, config)  # (M, 4) slide, class, x, y
+    picks = reskd.round_robin(candidates, 3, schedule)  # (M, 4) slide, class, x, y
     tumour = picks[picks[:, 1] == 2]
     # turn 1: one tumour from slide 0 and slide 1's only one; turn 2: a second from slide 0
     assert sorted(tumour[:, 0].tolist()) == [0, 0, 1] and [1, 2, 100, 0] in picks.tolist()
     assert sorted(picks[picks[:, 1] == 0, 0].tolist()) == [0, 2, 2]  # all three normal ones
     assert (picks[:, 1] == 1).sum() == 0 and picks[:, 0].tolist() == sorted(picks[:, 0].tolist())
     assert len({tuple(row) for row in picks.tolist()}) == len(picks)  # no candidate twice
+
+
+# -- weak labels: a cohort without label maps ------------------------------------------------------
+def test_without_label_maps_every_tissue_region_takes_its_slides_label(unmasked, tmp_path):
+    assert not unmasked.has_label_maps and reskd.classes_of(unmasked) == ("normal", "tumour")
+    config, schedule = _setup(tmp_path, regions_per_class=1000)
+    ids = unmasked.ids()
+    regions = reskd.labeled_regions(unmasked, ids, config, schedule, (2,))
+    label_of = dict(zip(ids, unmasked.labels(ids)))
+    assert regions.labels.tolist() == [label_of[s] for s in regions.slide_ids]
+    assert set(regions.labels.tolist()) == {0, 1}
+    with open_slide(unmasked.slide_path(ids[0])) as slide:  # all tissue regions of a slide, no more
+        from mini_kd.tiling import tile_grid
+        grid = tile_grid(slide, 20.0, 64, config.min_tissue)
+    assert sorted(map(tuple, regions.coords[regions.slide_ids == ids[0]].tolist())) == sorted(
+        map(tuple, grid.coords.tolist()))
+
+
+def test_fit_runs_on_a_cohort_without_label_maps_with_two_weak_classes(unmasked, tmp_path):
+    config, schedule = _setup(tmp_path, factor=2, regions_per_class=8)
+    trained = reskd.fit(unmasked, _split(unmasked), config, schedule)
+    assert trained.classes == ("normal", "tumour") and trained.network.classifier.out_features == 2
+    prediction = trained.predictor("cpu")(unmasked.slide_path(unmasked.ids("test")[0]))
+    assert 0.0 <= prediction.probability <= 1.0 and prediction.tiles_read == {10.0: len(
+        prediction.details["grid"])}
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -196,30 +254,50 @@ def test_a_region_below_the_students_minimum_input_is_refused():
     with pytest.raises(MiniKDError, match="divisible by 3"):
         reskd.check_input_size(128, 3)
     with pytest.raises(MiniKDError, match="minimum input"):
-        ResKDConfig(region_size=64, factors=(2, 16))
+        reskd.Schedule(region_size=64, factors=(2, 16))
+    with pytest.raises(MiniKDError, match="at least 1"):
+        reskd.Config(top_k=0)
 
 
 def test_a_nan_loss_stops_distillation_with_a_clear_error(tmp_path):
-    config = _config(tmp_path)
     regions = _regions()
-    targets = reskd.teacher_targets(_teacher(), regions.views[1], config)
+    targets = _targets(_teacher(), regions.views[1])
     targets.logits[3] = float("nan")
     with pytest.raises(MiniKDError, match="NaN"):
-        reskd.distill(regions, targets, 2, config)
+        reskd.distill(regions, targets, 2, *_setup(tmp_path))
 
 
 def test_targets_must_match_the_regions(tmp_path):
-    config = _config(tmp_path)
     regions = _regions()
-    targets = reskd.teacher_targets(_teacher(), regions.views[1][:5], config)
+    targets = _targets(_teacher(), regions.views[1][:5])
     with pytest.raises(MiniKDError, match="teacher targets"):
-        reskd.distill(regions, targets, 2, config)
+        reskd.distill(regions, targets, 2, *_setup(tmp_path))
+
+
+@pytest.mark.parametrize("content, match", [(b"PK\x03\x04truncated", "not a readable"),
+                                            (None, "no reskd checkpoint")])
+def test_a_damaged_or_missing_checkpoint_is_one_clear_error(tmp_path, content, match):
+    path = tmp_path / "reskd.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(MiniKDError, match=match):
+        methods.load(path, "reskd")
+
+
+def test_a_checkpoint_without_the_network_is_one_clear_error(tmp_path):
+    trained = reskd.Trained(reskd.Config(), _teacher(), 64)
+    path = trained.save(tmp_path / "reskd.pt")
+    saved = torch.load(path, weights_only=False)
+    del saved["state"]["network"]
+    torch.save(saved, path)
+    with pytest.raises(MiniKDError, match="reskd"):
+        methods.load(path, "reskd")
 
 
 # -- the losses, as the method uses them -----------------------------------------------------------
-def test_the_student_objective_by_hand_with_the_configs_temperature_resizing_and_norm(tmp_path):
+def test_the_student_objective_by_hand_with_the_configs_temperature_resizing_and_norm():
     student_map, student_logits = torch.zeros(1, 1, 2, 2), torch.zeros(1, 3)  # q = (1/3, 1/3, 1/3)
-    config = _config(tmp_path, temperature=2.0, resize="maxpool", feature_loss="l1")
+    config = reskd.Config(temperature=2.0, resize="maxpool", feature_loss="l1")
     losses = reskd.L_KD(student_map, student_logits, TEACHER_MAP, 2 * TEACHER_LOGITS, config)
     # T = 2: softmax(2 z_t / 2) = p_t; T² KL(p_t ‖ q) = 4 (½ ln ¾ + ½ ln 3/2) = 2 ln(9/8)
     assert losses["soft"].item() == pytest.approx(2 * np.log(9 / 8), rel=1e-6)
@@ -228,14 +306,14 @@ def test_the_student_objective_by_hand_with_the_configs_temperature_resizing_and
     assert losses["kd"].item() == pytest.approx(10.0 + 2 * np.log(9 / 8), rel=1e-6)
     # l2: (25 + 49 + 169 + 225) / 4; T = 1: KL(p_t ‖ q) = ½ ln(9/8)
     l2 = reskd.L_KD(student_map, student_logits, TEACHER_MAP, TEACHER_LOGITS,
-                    _config(tmp_path, resize="maxpool"))
+                    reskd.Config(resize="maxpool"))
     assert l2["pix"].item() == pytest.approx(117.0) and l2["soft"].item() == pytest.approx(
         0.5 * np.log(9 / 8), rel=1e-6)
 
 
-def test_kd_step_by_hand_resizes_the_larger_teacher_map_and_trains_the_student_only(tmp_path):
+def test_kd_step_by_hand_resizes_the_larger_teacher_map_and_trains_the_student_only():
     """F_t is 4 x 4, F_s 2 x 2: L_pix compares F_s with the teacher's map shrunk to 2 x 2."""
-    config = _config(tmp_path, resize="maxpool")
+    config = reskd.Config(resize="maxpool")
     student = FixedOutputs(torch.zeros(2, 2), torch.zeros(3))
     teacher_map = TEACHER_MAP.repeat(2, 1, 1, 1).requires_grad_()  # (2, 1, 4, 4), a batch of two
     teacher_logits = TEACHER_LOGITS.repeat(2, 1).requires_grad_()  # (2, 3)
@@ -255,15 +333,14 @@ def test_kd_step_by_hand_resizes_the_larger_teacher_map_and_trains_the_student_o
     assert swapped_pix == pytest.approx(77.5) and swapped_soft == pytest.approx(np.log(32 / 27) / 3)
 
 
-def test_kd_step_on_real_networks_gives_gradients_to_every_student_weight_and_none_to_the_teacher(tmp_path):
-    config = _config(tmp_path, region_size=128)
+def test_kd_step_on_real_networks_gives_gradients_to_every_student_weight_and_none_to_the_teacher():
     regions = _regions(n=2, size=128)
     teacher, student = _teacher(seed=1), _teacher(seed=2)
     from mini_kd.data import to_tensor
     teacher_map, teacher_logits = teacher(to_tensor(regions.views[1]))  # not detached on purpose
     assert teacher_map.shape == (2, 256, 4, 4) and student(to_tensor(regions.views[2]))[0].shape == (2, 256, 2, 2)
     loss, _ = reskd.kd_step(student, (torch.from_numpy(regions.views[2]), teacher_logits, teacher_map),
-                            config)
+                            reskd.Config())
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
@@ -279,13 +356,12 @@ def test_ce_step_by_hand():
 
 # -- label-free distillation -----------------------------------------------------------------------
 def test_the_teacher_stays_frozen_during_distillation(tmp_path):
-    config = _config(tmp_path, epochs=2)
     regions = _regions()
     teacher = _teacher()
     before = _weights(teacher)
-    targets = reskd.teacher_targets(teacher, regions.views[1], config)
+    targets = _targets(teacher, regions.views[1])
     assert targets.logits.grad_fn is None and targets.maps.grad_fn is None
-    student, history = reskd.distill(regions, targets, 2, config)
+    student, history = reskd.distill(regions, targets, 2, *_setup(tmp_path, epochs=2))
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     assert not teacher.training
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
@@ -293,25 +369,25 @@ def test_the_teacher_stays_frozen_during_distillation(tmp_path):
 
 
 def test_distillation_never_reads_a_label(tmp_path):
-    config = _config(tmp_path)
     labeled = _regions()
     regions = LabelsForbidden(labeled.slide_ids, labeled.coords, None, labeled.views)
     with pytest.raises(AssertionError, match="labels were read"):
         regions.labels  # the trap works
-    targets = reskd.teacher_targets(_teacher(), regions.views[1], config)
+    targets = _targets(_teacher(), regions.views[1])
     val = _regions(n=4, seed=1)
-    val_targets = reskd.teacher_targets(_teacher(), val.views[1], config)
+    val_targets = _targets(_teacher(), val.views[1])
     val_trap = LabelsForbidden(val.slide_ids, val.coords, None, val.views)
-    student, history = reskd.distill(regions, targets, 2, config, val=val_trap, val_targets=val_targets)
+    student, history = reskd.distill(regions, targets, 2, *_setup(tmp_path), val=val_trap,
+                                     val_targets=val_targets)
     assert history.monitor == "val_kd_loss" and np.isfinite(history.rows[0]["val_kd_loss"])
 
 
 def test_same_seed_gives_the_same_student_on_cpu(tmp_path):
     regions = _regions()
-    targets = reskd.teacher_targets(_teacher(), regions.views[1], _config(tmp_path))
-    first, _ = reskd.distill(regions, targets, 2, _config(tmp_path / "a", epochs=2))
-    second, _ = reskd.distill(regions, targets, 2, _config(tmp_path / "b", epochs=2))
-    other, _ = reskd.distill(regions, targets, 2, _config(tmp_path / "c", epochs=2, seed=1))
+    targets = _targets(_teacher(), regions.views[1])
+    first, _ = reskd.distill(regions, targets, 2, *_setup(tmp_path / "a", epochs=2))
+    second, _ = reskd.distill(regions, targets, 2, *_setup(tmp_path / "b", epochs=2))
+    other, _ = reskd.distill(regions, targets, 2, *_setup(tmp_path / "c", epochs=2, seed=1))
     assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
     assert not all(torch.equal(v, other.state_dict()[k]) for k, v in first.state_dict().items())
 
@@ -322,9 +398,9 @@ def test_batch_of_one_with_accumulation_equals_one_batch(tmp_path):
     GroupNorm normalises each image alone and both losses are batch means, so the mean of four
     one-image gradients is the gradient of the four-image batch.
     """
-    config = _config(tmp_path)
+    config = reskd.Config()
     regions = _regions(n=4)
-    targets = reskd.teacher_targets(_teacher(), regions.views[1], config)
+    targets = _targets(_teacher(), regions.views[1])
     images = torch.from_numpy(regions.views[2])
     student = _teacher(seed=2)
     reskd.kd_step(student, (images, targets.logits, targets.maps), config)[0].backward()
@@ -337,9 +413,9 @@ def test_batch_of_one_with_accumulation_equals_one_batch(tmp_path):
     for accumulated, expected in zip((p.grad for p in student.parameters()), whole):
         assert (accumulated - expected).norm() <= 1e-4 * expected.norm() + 1e-8  # float32 rounding
     # through the fit loop: one Adam step either way (Adam moves each weight by about lr = 1e-3)
-    batch, _ = reskd.distill(regions, targets, 2, _config(tmp_path / "a", batch_size=4, accumulate=1))
-    accumulated, _ = reskd.distill(regions, targets, 2, _config(tmp_path / "b", batch_size=1, accumulate=4))
-    single, _ = reskd.distill(regions, targets, 2, _config(tmp_path / "c", batch_size=1, accumulate=1))
+    batch, _ = reskd.distill(regions, targets, 2, *_setup(tmp_path / "a", batch_size=4, accumulate=1))
+    accumulated, _ = reskd.distill(regions, targets, 2, *_setup(tmp_path / "b", batch_size=1, accumulate=4))
+    single, _ = reskd.distill(regions, targets, 2, *_setup(tmp_path / "c", batch_size=1, accumulate=1))
     gap = max((accumulated.state_dict()[k] - v).abs().max().item() for k, v in batch.state_dict().items())
     steps = max((single.state_dict()[k] - v).abs().max().item() for k, v in batch.state_dict().items())
     assert gap < 3e-4 < 1e-3 < steps  # four separate steps move the weights much further
@@ -347,10 +423,10 @@ def test_batch_of_one_with_accumulation_equals_one_batch(tmp_path):
 
 def test_distillation_resumes_from_its_checkpoint(tmp_path):
     regions = _regions()
-    targets = reskd.teacher_targets(_teacher(), regions.views[1], _config(tmp_path))
-    straight, _ = reskd.distill(regions, targets, 2, _config(tmp_path / "a", epochs=2))
-    reskd.distill(regions, targets, 2, _config(tmp_path / "b", epochs=1))  # interrupted after 1
-    resumed, history = reskd.distill(regions, targets, 2, _config(tmp_path / "b", epochs=2))
+    targets = _targets(_teacher(), regions.views[1])
+    straight, _ = reskd.distill(regions, targets, 2, *_setup(tmp_path / "a", epochs=2))
+    reskd.distill(regions, targets, 2, *_setup(tmp_path / "b", epochs=1))  # interrupted after 1
+    resumed, history = reskd.distill(regions, targets, 2, *_setup(tmp_path / "b", epochs=2))
     assert [row["epoch"] for row in history.rows] == [1, 2]
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value)
@@ -367,31 +443,104 @@ def _coloured_regions(n_per_class=4, size=64, seed=0) -> Regions:
 
 
 def test_the_teacher_and_the_ce_student_learn_the_labels_and_keep_the_best_validation_epoch(tmp_path):
-    config = _config(tmp_path, epochs=3, teacher_epochs=3, batch_size=3)
+    config, schedule = _setup(tmp_path, epochs=3, teacher_epochs=3, batch_size=3)
     regions, val = _coloured_regions(), _coloured_regions(n_per_class=2, seed=1)
     for factor in (1, 2):
-        untrained = reskd.build_network(config.seed)
+        untrained = reskd.build_network(schedule.seed)
         before = reskd.predict(untrained, val.views[factor]).argmax(1)
-        model, history = reskd.train_ce(regions, factor, config, val=val)
+        model, history = reskd.train_ce(regions, factor, config, schedule, val=val)
         assert not np.array_equal(before, val.labels)  # not right by chance before training
         assert np.array_equal(reskd.predict(model, val.views[factor]).argmax(1), val.labels)
         scores = history.column("val_balanced_accuracy")
         assert history.best_epoch == 1 + int(np.argmax(scores)) and max(scores) == 1.0
     flipped = replace(regions, labels=(regions.labels + 1) % 3)  # the same images, other labels
-    model, _ = reskd.train_ce(flipped, 2, _config(tmp_path / "flipped", epochs=3, batch_size=3))
+    model, _ = reskd.train_ce(flipped, 2, *_setup(tmp_path / "flipped", epochs=3, batch_size=3))
     assert np.array_equal(reskd.predict(model, val.views[2]).argmax(1), (val.labels + 1) % 3)
 
 
 def test_augment_makes_copies_with_shared_parameters(tmp_path):
-    config = _config(tmp_path, n_views=3)
+    config, schedule = _setup(tmp_path, n_views=3)
     lr = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     hr = lr.repeat(4, axis=1).repeat(4, axis=2)
     regions = Regions(np.array(["s"] * 4), np.zeros((4, 2), np.int64), np.arange(4) % 3, {1: hr, 4: lr})
-    bank = reskd.augment(regions, config)
-    assert len(bank) == 12 and bank.labels.tolist() == [0, 1, 2, 0] * 3
+    bank = reskd.augment(regions, config, schedule)
+    assert len(bank.coords) == 12 and bank.labels.tolist() == [0, 1, 2, 0] * 3
     shrunk = downsample_views(bank.views[1], 4).astype(int)
     assert np.abs(shrunk - bank.views[4].astype(int)).max() <= 2
     assert not np.array_equal(bank.views[1][:4], bank.views[1][4:8])  # copies differ
+
+
+# -- fit, save, load, predict ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fitted(cohort, tmp_path_factory):
+    """ResKD fitted on the tiny phantom: the teacher at 20x, the ÷2 student at 10x."""
+    from mini_kd.runtime import torch_threads
+
+    config, schedule = _setup(tmp_path_factory.mktemp("fit"), factor=2, region_stride=32,
+                              regions_per_class=8)
+    with torch_threads(1):  # as every test here (module fixtures start before ``one_thread``)
+        return reskd.fit(cohort, _split(cohort), config, schedule)
+
+
+def test_fit_save_load_predict_gives_the_same_prediction(fitted, cohort, tmp_path):
+    slide = cohort.slide_path(cohort.ids("test")[0])
+    before = fitted.predictor("cpu")(slide)
+    path = fitted.save(tmp_path / "reskd.pt")
+    loaded = methods.load(path, "reskd")
+    assert isinstance(loaded, reskd.Trained) and loaded.config == fitted.config
+    after = loaded.predictor("cpu")(slide)
+    assert isinstance(after, methods.Prediction) and after.probability == before.probability
+    assert after.tiles_read == {10.0: len(after.details["grid"])} and after.pixels_decoded > 0
+    assert set(after.seconds) == {"tissue", "grid", "read", "classify"}
+    # the slide's probability is its largest region P(tumour) (top_k = 1)
+    assert after.probability == pytest.approx(after.details["p_tumour"].max())
+
+
+def test_fit_twice_with_the_same_seed_gives_the_same_student(fitted, cohort, tmp_path):
+    config, schedule = _setup(tmp_path, factor=2, region_stride=32, regions_per_class=8)
+    again = reskd.fit(cohort, _split(cohort), config, schedule)
+    assert again.classes == fitted.classes == reskd.CLASSES
+    for key, value in fitted.network.state_dict().items():
+        assert torch.equal(again.network.state_dict()[key], value), key
+
+
+def test_the_slide_probability_is_the_mean_of_the_top_k_region_probabilities(fitted, cohort):
+    assert reskd.top_k_mean(np.array([0.1, 0.9, 0.5, 0.7]), 2) == pytest.approx(0.8)
+    assert reskd.top_k_mean(np.array([0.2, 0.4]), 5) == pytest.approx(0.3)  # fewer than k: all
+    top3 = replace(fitted, config=replace(fitted.config, top_k=3))
+    prediction = top3.predictor("cpu")(cohort.slide_path(cohort.ids("test")[0]))
+    assert prediction.probability == pytest.approx(np.sort(prediction.details["p_tumour"])[-3:].mean())
+
+
+def test_predict_classifies_a_phantom_slide_from_the_command_line(fitted, cohort, tmp_path, capsys):
+    from mini_kd import cli
+
+    path = fitted.save(tmp_path / "reskd.pt")
+    slide = cohort.slide_path(cohort.ids()[0])
+    out = tmp_path / "predictions.csv"
+    assert cli.main(["predict", "reskd", str(path), str(slide), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert cohort.ids()[0] in printed
+    assert out.read_text().splitlines()[0].startswith("slide_id,label,probability")
+
+
+# -- the experiment --------------------------------------------------------------------------------
+def test_run_experiment_on_a_tiny_cohort_gives_the_json_keys_of_every_timed_model(cohort, tmp_path,
+                                                                                monkeypatch):
+    from mini_kd.experiments import JSON_KEYS
+
+    monkeypatch.setenv("MINI_KD_DATA", str(tmp_path))
+    config, schedule = _setup(tmp_path, factor=2, region_stride=32, regions_per_class=8,
+                              unlabeled_slides=(0,), checkpoint_dir=None)
+    result = experiment.run_experiment("smoke", cohort, config, schedule)
+    out = result.to_json()
+    for model in ("teacher", "kd_x2", "ce_x2"):
+        assert set(JSON_KEYS) <= set(out[model]), model
+    assert out["kd_x2"]["tiles_read"] > 0 and out["teacher"]["speedup"] == pytest.approx(1.0)
+    assert out["region_scores"]["students"][0]["factor"] == 2 and set(out["targets"]) >= {
+        "kd_at_or_above_ce", "x8_at_least_64x_fewer_flops"}
+    assert out["unlabeled"][0]["n_slides"] == 0 and out["region_labels"] == "label maps"
+    assert isinstance(methods.load(result.checkpoint, "reskd"), reskd.Trained)
 
 
 # -- cost ------------------------------------------------------------------------------------------
@@ -404,69 +553,38 @@ def test_the_students_flops_are_the_teachers_over_n_squared(factor):
 
 
 def test_the_book_presets_regions_give_the_x8_student_64x_fewer_flops():
-    book = reskd.config_for("book")
-    (row,) = reskd.flop_reductions(region_sizes=(book.region_size,), factors=(8,))
+    from mini_kd.presets import schedule
+
+    book = schedule("reskd", "book")
+    (row,) = experiment.flop_reductions(region_sizes=(book.region_size,), factors=(8,))
     assert row["student_px"] == 32 and row["flop_reduction"] >= 0.99 * 64
 
 
 def test_epochs_per_network():
-    config = ResKDConfig(epochs=30, teacher_epochs=4, epochs_by_factor={"2": 8})
-    assert [reskd.epochs_of(config, n) for n in (1, 2, 4, 8)] == [4, 8, 30, 30]
+    schedule = reskd.Schedule(epochs=30, teacher_epochs=4, epochs_by_factor={"2": 8})
+    assert [reskd.epochs_of(schedule, n) for n in (1, 2, 4, 8)] == [4, 8, 30, 30]
 
 
 def test_a_one_by_one_last_map_saves_less_than_n_squared():
     model = TinyResNetGN(n_classes=3)
-    ratio = reskd.measure_flops(model, 128) / reskd.measure_flops(model, 8)  # ÷16 of a 128-px region
+    ratio = experiment.measure_flops(model, 128) / experiment.measure_flops(model, 8)  # ÷16 of 128 px
     assert 16 < ratio < 16 ** 2
 
 
 def test_flop_reductions_skip_views_below_the_minimum_input():
-    rows = reskd.flop_reductions(region_sizes=(64, 256), factors=(2, 8, 16))
+    rows = experiment.flop_reductions(region_sizes=(64, 256), factors=(2, 8, 16))
     assert [(r["region_px"], r["factor"]) for r in rows] == [(64, 2), (64, 8), (256, 2), (256, 8), (256, 16)]
     by = {(r["region_px"], r["factor"]): r["flop_reduction"] for r in rows}
     assert by[(256, 8)] == pytest.approx(64, rel=0.01) and by[(64, 8)] < 64
 
 
 def test_check_targets_reads_the_x8_row_and_compares_kd_with_ce():
-    results = {"teacher": {"accuracy": 0.90},
-               "students": [{"factor": 4, "kd_accuracy": 0.85, "ce_accuracy": 0.86, "flop_reduction": 16.0},
-                            {"factor": 8, "kd_accuracy": 0.885, "ce_accuracy": 0.80, "flop_reduction": 63.9}]}
-    met = reskd.check_targets(results)
+    scores = {"teacher": {"accuracy": 0.90},
+              "students": [{"factor": 4, "kd_accuracy": 0.85, "ce_accuracy": 0.86, "flop_reduction": 16.0},
+                           {"factor": 8, "kd_accuracy": 0.885, "ce_accuracy": 0.80, "flop_reduction": 63.9}]}
+    met = experiment.check_targets(scores)
     assert met["x8_at_least_64x_fewer_flops"] and met["x8_within_2_points_of_teacher"]
     assert met["x8_gap_to_teacher"] == pytest.approx(0.015)
     assert met["kd_at_or_above_ce"] == {4: False, 8: True}
-    results["students"][1]["flop_reduction"] = 41.7
-    assert not reskd.check_targets(results)["x8_at_least_64x_fewer_flops"]
-
-
-# -- the command line ------------------------------------------------------------------------------
-def test_predict_classifies_a_phantom_slide_from_the_command_line(cohort, tmp_path, capsys):
-    from mini_kd import cli
-
-    config = _config(tmp_path, region_size=64, factors=(4,), unlabeled_factor=4)
-    path = reskd.save_predictor(tmp_path / "predictor.pt", _teacher(), 4, config)
-    slide = cohort.slide_path(cohort.ids()[0])
-    out = tmp_path / "predictions.csv"
-    assert cli.main(["predict", "reskd", str(path), str(slide), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert cohort.ids()[0] in printed and "seconds" in printed
-    assert out.read_text().splitlines()[0].startswith("slide_id,label,probability")
-    row = reskd.load_predictor(path)(slide)
-    assert row["label"] in (0, 1) and 0.0 <= row["probability"] <= 1.0
-    assert row["regions"] > 0 and set(row["seconds"]) == {"grid", "read", "classify"}
-    with pytest.raises(MiniKDError, match="no ResKD checkpoint"):
-        reskd.load_predictor(tmp_path / "missing.pt")
-
-
-def test_regions_of_a_cohort_without_tile_labels_are_refused_up_front(cohort, tmp_path):
-    from mini_kd.phantom import load_cohort
-
-    public = tmp_path / "public"
-    (public / "slides").mkdir(parents=True)
-    rows = ["slide_id,label,split"]
-    for slide_id, label in zip(cohort.ids()[:2], (0, 1)):
-        (public / "slides" / f"{slide_id}.svs").write_bytes(cohort.slide_path(slide_id).read_bytes())
-        rows.append(f"{slide_id},{label},train")
-    (public / "labels.csv").write_text("\n".join(rows) + "\n")
-    with pytest.raises(MiniKDError, match="slide labels only.*tile-level"):
-        reskd.labeled_regions(load_cohort(public), "train", _config(tmp_path))
+    scores["students"][1]["flop_reduction"] = 41.7
+    assert not experiment.check_targets(scores)["x8_at_least_64x_fewer_flops"]
