@@ -141,9 +141,9 @@ def test_attention_pool_lets_each_branch_keep_its_own_tiles_and_an_empty_one_poo
 def test_abmil_matches_torchmil_given_the_same_weights():
     """torchmil's ABMIL (1.0.2) has the same attention network -- fc1 = V (with bias), tanh,
     [fc_gated = U, sigmoid], fc2 = w (no bias) -- but a binary head with one logit for
-    BCE. Two-class logits (z_0, z_1) and one logit z_1 − z_0 give the same P(class 1), so its
-    classifier gets the difference of our two rows; the attention logits and bags must agree
-    exactly, padding included."""
+    BCE. Our two-class logits are (−l/2, +l/2) of that one logit l (BinaryLinear), so its
+    classifier gets our one row; the attention logits and bags must agree exactly, padding
+    included."""
     from torchmil.models import ABMIL as TorchmilABMIL
 
     for gated in (False, True):
@@ -156,9 +156,8 @@ def test_abmil_matches_torchmil_given_the_same_weights():
             if gated:
                 theirs.pool.fc_gated.module.weight.copy_(ours.attention.U.weight)
                 theirs.pool.fc_gated.module.bias.copy_(ours.attention.U.bias)
-            W, b = ours.classifier.weight, ours.classifier.bias
-            theirs.classifier.module.weight.copy_(W[1:] - W[:1])
-            theirs.classifier.module.bias.copy_(b[1:] - b[:1])
+            theirs.classifier.module.weight.copy_(ours.classifier.linear.weight)
+            theirs.classifier.module.bias.copy_(ours.classifier.linear.bias)
         X = features(3, 7, 8, seed=2)
         mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3, [True] + [False] * 6])
         out = ours(X, mask)
@@ -224,3 +223,35 @@ def test_bag_dataset_refuses_slides_without_features_or_labels():
 def test_pad_bags_refuses_bags_from_different_encoders():
     with pytest.raises(MiniKDError, match="same encoder"):
         pad_bags([(features(3, 8), 0, "a"), (features(3, 4), 1, "b")])
+
+
+# -- ABMIL trains like torchmil's, not only computes like it (the regression of issue 11) --------
+def test_abmil_first_adam_step_moves_the_bag_score_like_torchmils():
+    """Same seed, one bag, one Adam step: the bag score l (our logit difference, torchmil's one
+    logit) starts and moves the same. With a two-row head nn.Linear(D, 2), l started ~√2 larger
+    and moved ~2x faster, and the trained teachers drifted apart."""
+    from torchmil.models import ABMIL as TorchmilABMIL
+
+    from mini_kd.runtime import seed_everything
+
+    g = torch.Generator().manual_seed(0)
+    X, y = (torch.rand(1, 21, 16, generator=g) * 6), torch.tensor([1])
+    X[0, :2, 0] += 4.0
+    seed_everything(0)
+    ours = ABMIL(16, 2, hidden=8)
+    seed_everything(0)
+    theirs = TorchmilABMIL(in_shape=(16,), att_dim=8)
+    moves = []
+    for model, score, loss in (
+            (ours, lambda m: m(X).logits[0, 1] - m(X).logits[0, 0],
+             lambda m: F.cross_entropy(m(X).logits, y)),
+            (theirs, lambda m: m(X)[0],
+             lambda m: F.binary_cross_entropy_with_logits(m(X), y.float()))):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+        before = score(model).item()
+        loss(model).backward()
+        optimizer.step()
+        moves.append((before, score(model).item()))
+    (ours_before, ours_after), (theirs_before, theirs_after) = moves
+    assert ours_after != ours_before
+    assert abs(ours_before - theirs_before) < 1e-5 and abs(ours_after - theirs_after) < 1e-5, moves
