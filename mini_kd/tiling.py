@@ -290,3 +290,25 @@ def tile_loader(slide_path, grid: TileGrid, batch_size: int = 64, num_workers: i
     dataset = TileDataset(slide_path, grid, mpp=mpp, magnification=magnification)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       persistent_workers=False)
+
+
+# -- many small tiles of one low level, cut from one read of it (AHDMIL's 1.25x screen) --------
+def read_from_level(slide: Slide, lr_grid: TileGrid) -> np.ndarray:
+    """uint8 (N, t, t, 3): every tile of ``lr_grid`` (e.g. AHDMIL's 1.25x crops of a
+    :func:`same_footprint` grid), cut from one read of the whole level at ``lr_grid.mag``: equal
+    to ``slide.read_tiles``, and cheaper for many small tiles. Grids off the level's pixel
+    lattice are read tile by tile."""
+    xy = lr_grid.coords * (lr_grid.mag / lr_grid.slide_mag)  # (N, 2) pixels at lr_grid.mag
+    if not np.allclose(xy, np.round(xy)):
+        return slide.read_tiles(lr_grid.coords, lr_grid.tile_size, lr_grid.mag)
+    return cut_crops(slide.thumbnail(lr_grid.mag), np.round(xy).astype(np.int64), lr_grid.tile_size)
+
+
+def cut_crops(image: np.ndarray, xy: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, size, size, 3): squares of ``image`` at pixel corners ``xy`` (N, 2), white outside."""
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((0, size), (0, size), (0, 0)), constant_values=255)  # (H+s, W+s, 3)
+    crops = np.empty((len(xy), size, size, 3), np.uint8)
+    for i, (x, y) in enumerate(np.clip(xy, 0, [width, height]).tolist()):
+        crops[i] = padded[y:y + size, x:x + size]
+    return crops

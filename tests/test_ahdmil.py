@@ -1,26 +1,34 @@
 """AHDMIL: the Gumbel-sigmoid mask, the student's per-class weights, L_SD and L_AD on hand-computed
 values, cross-EMA, the 1:1 crop geometry, the nothing-kept fallback, DMIN in eval mode while it
-makes DB-LIPN's targets, seeds, and `mini-kd predict ahdmil` reading only the kept 20x tiles."""
+makes DB-LIPN's targets, seeds, `mini-kd predict ahdmil` reading only the kept 20x tiles, and the
+interface: fit -> save -> load -> predictor, on cohorts with and without label maps, and the
+smoke experiment's JSON."""
 
 import csv
 import math
+import shutil
+from dataclasses import fields, replace
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from mini_kd import MiniKDError
+from mini_kd import methods, presets
 from mini_kd.cli import main as cli_main
 from mini_kd.data import downsample_views, to_tensor
-from mini_kd.encoders import build_encoder
-from mini_kd.methods import ahdmil
-from mini_kd.phantom import render_slide
+from mini_kd.encoders import LIPNBranch, build_encoder, stride_schedule
+from mini_kd.experiments import JSON_KEYS, Experiment
+from mini_kd.experiments import ahdmil as experiment
+from mini_kd.methods import Prediction, ahdmil
+from mini_kd.phantom import load_cohort, make_cohort, render_slide
 from mini_kd.presets import GEOMETRY, PRESETS
 from mini_kd.slides import Slide, open_slide
-from mini_kd.tiling import same_footprint, tile_grid
+from mini_kd.tiling import cut_crops, read_from_level, same_footprint, tile_grid
 
 TINY = dict(widths=(8, 8, 8, 8), groups=4)  # a tiny_resnet_gn: 8-d embeddings, fast on a CPU
-TINY_GEOMETRY = dict(hr_mag=20.0, hr_tile=64, screen_mag=1.25, screen_tile=4)
+TINY_GEOMETRY = dict(hr_mag=20.0, hr_tile=64, screen_mag=1.25)  # 4-px crops at 1.25x
 
 
 def sigmoid(x: float) -> float:
@@ -135,7 +143,7 @@ def hand_made_output(**changes):
 
 def test_sd_loss_is_the_weighted_sum_of_its_five_terms():
     out = hand_made_output()
-    config = ahdmil.AHDMILConfig(mask_ratio=0.6)
+    config = ahdmil.Config(mask_ratio=0.6)
     loss, terms = ahdmil.L_SD(out, torch.tensor(1), torch.tensor(0.2), config)
     ce = -math.log(0.75)
     kl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)  # KL(teacher ‖ student)
@@ -149,7 +157,7 @@ def test_sd_loss_is_the_weighted_sum_of_its_five_terms():
 
 
 def test_sd_loss_pulls_the_keep_rate_towards_mask_ratio_the_fraction_kept():
-    config = ahdmil.AHDMILConfig(mask_ratio=0.6)
+    config = ahdmil.Config(mask_ratio=0.6)
     rho = torch.tensor(0.2, requires_grad=True)
     loss, _ = ahdmil.L_SD(hand_made_output(keep_rate=rho), torch.tensor(1), torch.tensor(0.0), config)
     loss.backward()
@@ -224,10 +232,10 @@ def test_cross_ema_with_lambda_zero_or_one_branch_changes_nothing():
 
 # -- DB-LIPN and the 1:1 geometry ------------------------------------------------------------------
 def test_lipn_branch_keeps_the_papers_map_sizes_on_16_and_8_px_crops():
-    assert ahdmil.stride_schedule(16) == (2, 2, 2, 2, 2)
-    assert ahdmil.stride_schedule(8) == (1, 2, 2, 2, 2)
+    assert stride_schedule(16) == (2, 2, 2, 2, 2)
+    assert stride_schedule(8) == (1, 2, 2, 2, 2)
     for crop in (16, 8):
-        branch = ahdmil.LIPNBranch(2, crop, norm="batch")
+        branch = LIPNBranch(2, crop, norm="batch")
         assert sum(p.numel() for p in branch.parameters()) == 33_898  # "about 34 k"
         sizes, x = [], torch.zeros(3, 3, crop, crop)
         for layer in branch.features:
@@ -246,7 +254,7 @@ def test_every_preset_reads_one_screen_crop_per_20x_tile_with_the_same_footprint
             g = GEOMETRY[preset]
             assert g["screen_tile"] == screen_tile[g["hr_tile"]]
             grid = tile_grid(slide, g["hr_mag"], g["hr_tile"], min_tissue=0.25)  # gpu: all 4 tiles
-            crops = ahdmil.read_screen_crops(slide, same_footprint(grid, g["screen_mag"]))
+            crops = read_from_level(slide, same_footprint(grid, g["screen_mag"]))
             assert len(grid) > 1 and crops.shape == (len(grid), g["screen_tile"], g["screen_tile"], 3)
             shrunk = downsample_views(slide.read_tiles(grid.coords, g["hr_tile"], g["hr_mag"]),
                                       g["hr_tile"] // g["screen_tile"])
@@ -269,7 +277,7 @@ def test_screen_crops_cover_the_same_tissue_as_their_20x_tiles(tiny_slides):
     with open_slide(tiny_slides / "tiny_1.svs") as slide:
         grid = tile_grid(slide, 20.0, 64)
         lr_grid = same_footprint(grid, 1.25)
-        crops = ahdmil.read_screen_crops(slide, lr_grid)
+        crops = read_from_level(slide, lr_grid)
         assert lr_grid.tile_size == 4 and np.array_equal(lr_grid.coords, grid.coords)
         np.testing.assert_array_equal(crops, slide.read_tiles(lr_grid.coords, 4, 1.25))
         shrunk = downsample_views(slide.read_tiles(grid.coords, 64, 20.0), 16)  # (N, 4, 4, 3)
@@ -279,7 +287,7 @@ def test_screen_crops_cover_the_same_tissue_as_their_20x_tiles(tiny_slides):
 
 def test_cut_crops_pads_with_white_beyond_the_image():
     image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
-    crops = ahdmil.cut_crops(image, np.array([[0, 0], [2, 2], [3, 0]]), 2)
+    crops = cut_crops(image, np.array([[0, 0], [2, 2], [3, 0]]), 2)
     np.testing.assert_array_equal(crops[1], image[2:4, 2:4])
     np.testing.assert_array_equal(crops[2][:, 0], image[0:2, 3])
     assert (crops[2][:, 1] == 255).all()
@@ -327,16 +335,24 @@ def tiny_bags(n_slides=6, seed=0):
     for i in range(n_slides):
         n = 5 + i
         features = torch.randn(n, 6, generator=g) + (i % 2)  # label 1 slides are brighter
-        bags.append(ahdmil.Bag(f"s{i}", features, torch.randn(n, 3, 4, 4, generator=g), i % 2,
-                               np.arange(n) < (i % 2) * 2))
+        bags.append(ahdmil.Bag(f"s{i}", features, torch.randn(n, 3, 4, 4, generator=g), i % 2))
     return bags
 
 
-def tiny_config(**overrides):
-    base = dict(preset="smoke", hidden=8, attention_hidden=4, degree=3, k_sample=2, epochs=2,
-                min_epochs=1, patience=None, step2_epochs=2, step2_patience=None, lipn_lr=1e-2,
-                dmin_lr=1e-3, abmil_hidden=4, abmil_epochs=2, keep_bounds=(0.0, 1.0))
-    return ahdmil.AHDMILConfig(**{**base, **overrides})
+def tiny_tumour(bags):
+    """Slides of label 1 have 2 tumour tiles each (rows 0, 1)."""
+    return {bag.slide_id: np.arange(len(bag.features)) < bag.label * 2 for bag in bags}
+
+
+def tiny(**overrides):
+    """(Config, Schedule) of tiny networks and short steps; ``overrides`` go to either."""
+    base = dict(hidden=8, attention_hidden=4, degree=3, k_sample=2, epochs=2, min_epochs=1,
+                patience=None, step2_epochs=2, step2_patience=None, lipn_lr=1e-2, dmin_lr=1e-3,
+                keep_bounds=(0.0, 1.0))
+    base.update(overrides)
+    names = {f.name for f in fields(ahdmil.Config)}
+    return (ahdmil.Config(**{k: v for k, v in base.items() if k in names}),
+            ahdmil.Schedule(**{k: v for k, v in base.items() if k not in names}))
 
 
 def test_dmin_makes_db_lipn_targets_in_eval_mode_and_goes_back_to_training():
@@ -346,7 +362,7 @@ def test_dmin_makes_db_lipn_targets_in_eval_mode_and_goes_back_to_training():
     seen = []
     model.dmin.projection.register_forward_hook(lambda module, i, o: seen.append(module.training))
     bag = tiny_bags()[1].item()
-    losses = [ahdmil.lipn_step(model, bag, tiny_config(attn_ratio=1.0))[0].item() for _ in range(2)]
+    losses = [ahdmil.lipn_step(model, bag, tiny(attn_ratio=1.0)[0])[0].item() for _ in range(2)]
     assert seen == [False, False] and model.dmin.training and model.lipn.training
     assert losses[0] == losses[1]  # dropout 0.9 left on would make the targets differ
 
@@ -355,7 +371,7 @@ def test_lipn_step_skips_a_slide_whose_loss_is_not_finite():
     model = ahdmil.AHDMIL(ahdmil.DMIN(6, hidden=8, attention_hidden=4, degree=3), ahdmil.DBLIPN(2, 4))
     bag = tiny_bags()[1].item()
     bag["crops"] = torch.full_like(bag["crops"], float("nan"))
-    assert ahdmil.lipn_step(model, bag, tiny_config()) is None
+    assert ahdmil.lipn_step(model, bag, tiny()[0]) is None
 
 
 def parameters_of(model):
@@ -382,7 +398,7 @@ def test_step2_moves_only_db_lipn_in_its_step_and_only_dmin_in_the_fine_tuning_s
     bags = tiny_bags()
     torch.manual_seed(0)
     dmin = ahdmil.DMIN(6, hidden=8, attention_hidden=4, degree=3)
-    ahdmil._step2_try(dmin, bags[:3], bags[4:], tiny_config(step2_epochs=1, weight_decay=1e-2))
+    ahdmil._step2_try(dmin, bags[:3], bags[4:], *tiny(step2_epochs=1, weight_decay=1e-2))
     assert [name for name, _, _ in seen] == ["lipn", "dmin"] * 3  # 3 slides, DB-LIPN first
     assert [waiting for _, _, waiting in seen] == [set()] * 6  # no gradient left for the other step
     for (name, before, _), (_, after, _) in zip(seen, seen[1:]):  # cross-EMA comes after the last
@@ -449,7 +465,7 @@ def test_step1_keeps_the_epoch_with_the_lowest_validation_loss_from_min_epochs_o
         return {**real_val_step(dmin, batch, min_keep), "loss": scripted[epoch]}
 
     monkeypatch.setattr(ahdmil, "dmin_val_step", val_step)
-    dmin, history = ahdmil.train_step1(train, val, tiny_config(epochs=4, min_epochs=2))
+    dmin, history = ahdmil.train_step1(train, val, *tiny(epochs=4, min_epochs=2))
     assert history.column("val_loss") == pytest.approx([0.1, 0.6, 0.4, 0.5])
     assert history.best_epoch == 3 and history.best_score == pytest.approx(0.4)
     for name, value in dmin.state_dict().items():
@@ -461,7 +477,7 @@ def test_step1_validates_on_dmins_eval_path_its_own_mask_with_dropout_off():
     """The history's best validation loss is the CE of the returned DMIN pooled over 1[S > 0]."""
     bags = tiny_bags()
     train, val = bags[:4], bags[4:]
-    dmin, history = ahdmil.train_step1(train, val, tiny_config(epochs=3, min_epochs=2, dropout=0.9))
+    dmin, history = ahdmil.train_step1(train, val, *tiny(epochs=3, min_epochs=2, dropout=0.9))
     losses = []
     with torch.no_grad():
         for bag in val:
@@ -482,9 +498,9 @@ def test_same_seed_gives_the_same_numbers_and_another_seed_does_not():
     train, val = bags[:4], bags[4:]
 
     def run(seed):
-        config = tiny_config(seed=seed)
-        dmin, history1 = ahdmil.train_step1(train, val, config)
-        model, history2, _ = ahdmil.train_step2(dmin, train, val, config)
+        config, schedule = tiny(seed=seed)
+        dmin, history1 = ahdmil.train_step1(train, val, config, schedule)
+        model, history2, _ = ahdmil.train_step2(dmin, train, val, config, schedule)
         return model.state_dict(), history1.column("train_loss") + history2.column("train_loss")
 
     (first, losses), (again, losses_again), (other, _) = run(0), run(0), run(1)
@@ -496,19 +512,19 @@ def test_same_seed_gives_the_same_numbers_and_another_seed_does_not():
 
 def test_step2_tries_fresh_screens_then_warns_and_keeps_the_last_weights_when_no_epoch_passes_the_gate():
     bags = tiny_bags()
-    dmin, _ = ahdmil.train_step1(bags[:4], bags[4:], tiny_config())
-    config = tiny_config(keep_bounds=(2.0, 3.0), step2_restarts=2)
+    dmin, _ = ahdmil.train_step1(bags[:4], bags[4:], *tiny())
+    config, schedule = tiny(keep_bounds=(2.0, 3.0), step2_restarts=2)
     with pytest.warns(UserWarning, match="3 tries had a validation keep rate"):
-        model, history, tries = ahdmil.train_step2(dmin, bags[:4], bags[4:], config)
+        model, history, tries = ahdmil.train_step2(dmin, bags[:4], bags[4:], config, schedule)
     assert tries == 3 and history.best_epoch is None and len(history.rows) == 2
     assert not torch.equal(model.dmin.projection[0].weight, dmin.projection[0].weight)  # fine-tuned copy
-    from dataclasses import replace
-
-    last, _ = ahdmil._step2_try(dmin, bags[:4], bags[4:], replace(config, seed=config.seed + 2))
+    last, _ = ahdmil._step2_try(dmin, bags[:4], bags[4:], config, schedule, attempt=3)
     for name, value in last.lipn.state_dict().items():  # the third try is the run with seed + 2
         torch.testing.assert_close(model.lipn.state_dict()[name], value, rtol=0, atol=0)
-    row = ahdmil.gate_row(3, history, tries, bags[4:], dmin, config)
-    own = ahdmil.score_bags(bags[4:], ahdmil.predict_dmin_own_mask(dmin))["keep_rate"]
+    other, _ = ahdmil._step2_try(dmin, bags[:4], bags[4:], config, replace(schedule, seed=2))
+    assert all(torch.equal(other.lipn.state_dict()[n], v) for n, v in last.lipn.state_dict().items())
+    row = experiment.gate_row(3, history, tries, bags[4:], dmin, config)
+    own = experiment.score_bags(bags[4:], experiment.predict_dmin_own_mask(dmin))["keep_rate"]
     assert row == {"split": 3, "gate": [2.0, 3.0], "tries": 3, "best_epoch": None, "gate_passed": False,
                    "val_keep_rate_last": history.rows[-1]["val_keep_rate"],
                    "dmin_own_mask_val_keep_rate": own}
@@ -516,16 +532,19 @@ def test_step2_tries_fresh_screens_then_warns_and_keeps_the_last_weights_when_no
 
 def test_score_bags_reports_keep_rate_and_the_recall_of_tumour_tiles_among_kept_ones():
     bags = tiny_bags(4)  # slides 1 and 3 have 2 tumour tiles each (rows 0, 1)
+    tumour = tiny_tumour(bags)
 
     def predict(bag):
         kept = torch.zeros(len(bag.features), dtype=torch.bool)
         kept[1] = True  # keeps one of the two tumour tiles
         return torch.tensor([0.3, 0.7]) if bag.label else torch.tensor([0.6, 0.4]), kept
 
-    metrics = ahdmil.score_bags(bags, predict)
+    metrics = experiment.score_bags(bags, predict, tumour)
     assert metrics["tumour_recall"] == pytest.approx(2 / 4)
     assert metrics["keep_rate"] == pytest.approx(np.mean([1 / 5, 1 / 6, 1 / 7, 1 / 8]))
     assert metrics["auc"] == 1.0 and metrics["accuracy"] == 1.0
+    without_maps = experiment.score_bags(bags, predict)  # a cohort without label maps
+    assert "tumour_recall" not in without_maps and without_maps["keep_rate"] == metrics["keep_rate"]
 
 
 # -- inference from the slide file -----------------------------------------------------------------
@@ -536,13 +555,14 @@ def tiny_encoder():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_slides, tmp_path_factory):
+    """An untrained AHDMIL on a tiny encoder, saved by Trained.save."""
     torch.manual_seed(0)
     model = ahdmil.AHDMIL(ahdmil.DMIN(8, hidden=8, attention_hidden=4, degree=3),
                           ahdmil.DBLIPN(2, crop_size=4))
-    path = ahdmil.save_checkpoint(tmp_path_factory.mktemp("ahdmil_ckpt") / "tiny.pt", model,
-                                  tiny_encoder(), tiny_config(encoder="tiny_resnet_gn"),
-                                  encoder_kwargs=TINY, geometry=TINY_GEOMETRY)
-    return path
+    config = ahdmil.Config(encoder="tiny_resnet_gn", hidden=8, attention_hidden=4, degree=3,
+                           **TINY_GEOMETRY)
+    trained = ahdmil.Trained(config, model, tiny_encoder(), TINY)
+    return trained.save(tmp_path_factory.mktemp("ahdmil_ckpt") / "tiny.pt")
 
 
 class ReadCounter:
@@ -579,77 +599,98 @@ def brightness_screen(crops):
 
 
 def test_predict_reads_and_encodes_only_the_kept_20x_tiles(tiny_checkpoint, tiny_slides, monkeypatch):
-    predictor = ahdmil.load_predictor(tiny_checkpoint)
-    predictor.model.lipn.fused = brightness_screen
+    trained = methods.load(tiny_checkpoint, "ahdmil")
+    trained.model.lipn.fused = brightness_screen
     path = tiny_slides / "tiny_1.svs"
     with open_slide(path) as slide:
         grid = tile_grid(slide, 20.0, 64)
-        crops = ahdmil.read_screen_crops(slide, same_footprint(grid, 1.25))
+        crops = read_from_level(slide, same_footprint(grid, 1.25))
         kept = (brightness_screen(to_tensor(crops))[:, 1] > 0).numpy()
         kept_tiles = slide.read_tiles(grid.coords[kept], 64, 20.0)
     assert 0 < kept.sum() < len(grid)
-    counter = ReadCounter(monkeypatch, predictor.encoder)
-    result = predictor(path, details=True)
+    counter = ReadCounter(monkeypatch, trained.encoder)
+    result = trained.predictor()(path)
     np.testing.assert_array_equal(counter.at(20.0), grid.coords[kept])  # each kept tile, once
-    assert counter.encoded == kept.sum() == result["tiles_read"]
-    assert result["keep_rate"] == pytest.approx(kept.mean()) and result["tiles"] == len(grid)
-    assert set(result["seconds"]) == {"tissue_grid", "read_lr", "db_lipn", "read_hr", "encode", "dmin"}
+    assert len(counter.at(1.25)) == 0  # the 1.25x crops are cut from one read of the level
+    assert counter.encoded == kept.sum() == result.tiles_read[20.0]
+    assert result.tiles_read == {1.25: len(grid), 20.0: kept.sum()} and result.pixels_decoded > 0
+    assert result.details["keep_rate"] == pytest.approx(kept.mean())
+    assert len(result.details["grid"]) == len(grid)
+    assert set(result.seconds) == {"tissue", "grid", "read_lr", "screen", "read", "encode", "dmin"}
     with torch.no_grad():
-        keep = torch.from_numpy(result["keep"][kept])
-        logits = predictor.model.dmin.classify(predictor.encoder(to_tensor(kept_tiles)), keep)
-    assert result["probability"] == pytest.approx(torch.softmax(logits, -1)[1].item(), abs=1e-6)
+        keep = torch.from_numpy(result.details["keep"][kept])
+        logits = trained.model.dmin.classify(trained.encoder(to_tensor(kept_tiles)), keep)
+    assert result.probability == pytest.approx(torch.softmax(logits, -1)[1].item(), abs=1e-6)
 
 
 def test_predict_without_the_screen_reads_every_tissue_tile(tiny_checkpoint, tiny_slides, monkeypatch):
-    predictor = ahdmil.load_predictor(tiny_checkpoint, screen=False)
-    counter = ReadCounter(monkeypatch, predictor.encoder)
-    result = predictor(tiny_slides / "tiny_1.svs")
+    trained = methods.load(tiny_checkpoint, "ahdmil")
+    counter = ReadCounter(monkeypatch, trained.encoder)
+    result = trained.predictor(screen=False)(tiny_slides / "tiny_1.svs")
     with open_slide(tiny_slides / "tiny_1.svs") as slide:
         grid = tile_grid(slide, 20.0, 64)
     np.testing.assert_array_equal(counter.at(20.0), grid.coords)
-    assert result["keep_rate"] == 1.0 and counter.encoded == len(grid)
-    assert "db_lipn" not in result["seconds"]
+    assert result.details["keep_rate"] == 1.0 and counter.encoded == len(grid)
+    assert result.tiles_read == {20.0: len(grid)} and "screen" not in result.seconds
 
 
 def test_predict_reads_only_the_fallback_tiles_when_db_lipn_keeps_nothing(tiny_checkpoint, tiny_slides,
                                                                           monkeypatch):
-    predictor = ahdmil.load_predictor(tiny_checkpoint)
-    predictor.model.lipn = silent_lipn()
-    counter = ReadCounter(monkeypatch, predictor.encoder)
-    result = predictor(tiny_slides / "tiny_1.svs")
-    assert 1 <= result["tiles_read"] == counter.encoded == len(counter.at(20.0)) <= 2
-    assert 0.0 <= result["probability"] <= 1.0
+    trained = methods.load(tiny_checkpoint, "ahdmil")
+    trained.model.lipn = silent_lipn()
+    counter = ReadCounter(monkeypatch, trained.encoder)
+    result = trained.predictor()(tiny_slides / "tiny_1.svs")
+    assert 1 <= result.tiles_read[20.0] == counter.encoded == len(counter.at(20.0)) <= 2
+    assert 0.0 <= result.probability <= 1.0
 
 
-def test_cli_predicts_a_slide_and_a_folder_with_the_keep_rate(tiny_checkpoint, tiny_slides, tmp_path,
-                                                              capsys):
+def test_cli_predicts_a_slide_and_a_folder_with_the_tiles_read(tiny_checkpoint, tiny_slides, tmp_path,
+                                                               capsys):
     assert cli_main(["predict", "ahdmil", str(tiny_checkpoint), str(tiny_slides / "tiny_0.svs")]) == 0
     printed = capsys.readouterr().out
-    assert "tiny_0: label" in printed and "keep_rate" in printed and "read_hr" in printed
+    assert "tiny_0: label" in printed and "tiles at 1.25x" in printed and "read_lr" in printed
     out = tmp_path / "predictions.csv"
     assert cli_main(["predict", "ahdmil", str(tiny_checkpoint), str(tiny_slides), "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert [row["slide_id"] for row in rows] == ["tiny_0", "tiny_1"]
-    assert {"keep_rate", "tiles_read", "seconds_db_lipn", "seconds_read_hr", "seconds_encode"} <= set(rows[0])
+    assert {"tiles_20x", "tiles_1.25x", "pixels_decoded", "seconds_screen", "seconds_read",
+            "seconds_encode"} <= set(rows[0])
+    assert all(int(row["tiles_20x"]) <= int(row["tiles_1.25x"]) for row in rows)
 
 
-def test_load_predictor_refuses_a_missing_file_and_a_foreign_one(tmp_path):
-    with pytest.raises(MiniKDError, match="no AHDMIL checkpoint"):
-        ahdmil.load_predictor(tmp_path / "missing.pt")
+def test_load_refuses_a_missing_file_a_foreign_one_and_another_methods(tmp_path, tiny_checkpoint):
+    with pytest.raises(MiniKDError, match="no ahdmil checkpoint"):
+        methods.load(tmp_path / "missing.pt", "ahdmil")
     torch.save({"model": {}}, tmp_path / "bogus.pt")
-    with pytest.raises(MiniKDError, match="not an AHDMIL checkpoint"):
-        ahdmil.load_predictor(tmp_path / "bogus.pt")
+    with pytest.raises(MiniKDError, match=r"bogus.pt is not .*ahdmil.*KeyError"):
+        methods.load(tmp_path / "bogus.pt", "ahdmil")
+    with pytest.raises(MiniKDError, match="ahdmil.*lrmil"):
+        methods.load(tiny_checkpoint, "lrmil")
+    saved = torch.load(tiny_checkpoint, weights_only=True)
+    del saved["state"]["lipn"]
+    torch.save(saved, tmp_path / "damaged.pt")
+    with pytest.raises(MiniKDError, match=r"damaged.pt is not .*ahdmil.*KeyError"):
+        methods.load(tmp_path / "damaged.pt", "ahdmil")
 
 
 def test_config_refuses_an_unknown_head_preset_or_norm():
     with pytest.raises(MiniKDError, match="head"):
         ahdmil.DMIN(6, head="mlp")
     with pytest.raises(MiniKDError, match="preset"):
-        ahdmil.config_for("huge")
+        experiment.config_for("huge")
     with pytest.raises(MiniKDError, match="norm"):
         ahdmil.DBLIPN(norm="layer")
     with pytest.raises(MiniKDError, match=r"\(N, 6\)"):
         ahdmil.DMIN(6)(torch.zeros(1, 4, 6))
+
+
+def test_presets_apply_their_geometry_and_schedule_on_the_papers_values():
+    config, schedule = presets.config("ahdmil", "book"), presets.schedule("ahdmil", "book")
+    assert (config.hr_tile, config.screen_mag, config.mask_ratio) == (128, 1.25, 0.6)  # paper: 0.6
+    assert (ahdmil.Config().hr_tile, ahdmil.Schedule().epochs, ahdmil.Schedule().lipn_lr) == (256, 200, 1e-5)
+    assert (schedule.epochs, schedule.step2_epochs, schedule.lipn_lr) == (10, 8, 1e-3)
+    phantom = experiment.config_for("book")
+    assert (phantom.mask_ratio, phantom.attn_ratio, phantom.keep_bounds) == (0.45, 1.0, (0.1, 1.0))
 
 
 # -- the benchmark's JSON --------------------------------------------------------------------------
@@ -657,20 +698,91 @@ def test_the_benchmark_json_has_the_issue_keys_and_computes_the_targets_from_the
     runs = [{"split": r, "model": "dmin_all", "auc": 1.0, "accuracy": 1.0, "f1": 1.0} for r in range(2)]
     runs += [{"split": r, "model": "ahdmil", "auc": 1.0, "accuracy": 1.0, "f1": 1.0,
               "keep_rate": rate, "tumour_recall": recall} for r, (rate, recall) in enumerate([(0.2, 1.0), (0.1, 0.9)])]
-    stages = dict.fromkeys(ahdmil.STAGES, 0.0)
-    timing = [{"model": "dmin_all", "slide_id": "a", "tiles": 100, "tiles_read": 100,
-               **{**stages, "encode": 3.0, "read_hr": 1.0}, "total": 4.0},
-              {"model": "ahdmil", "slide_id": "a", "tiles": 100, "tiles_read": 20,
-               **{**stages, "encode": 0.6, "read_hr": 0.2, "db_lipn": 0.2}, "total": 1.0}]
-    experiment = ahdmil.Experiment("smoke", ahdmil.config_for("smoke"), [{"test": ["a"]}] * 2,
-                                   runs=runs, timing=timing)
-    out = experiment.to_json()
-    assert {"auc", "accuracy", "seconds_per_slide"} <= set(out["dmin_all"])
-    assert {"auc", "accuracy", "seconds_per_slide", "keep_rate", "tumour_recall"} <= set(out["ahdmil"])
+    stages = dict.fromkeys(("tissue", "grid", "read_lr", "screen", "read", "encode", "dmin"), 0.0)
+    timing = [{"model": "dmin_all", "slide_id": "a", "tiles_read": 100, "pixels_decoded": 10,
+               **{**stages, "encode": 3.0, "read": 1.0}, "total": 4.0},
+              {"model": "ahdmil", "slide_id": "a", "tiles_read": 20, "pixels_decoded": 2,
+               **{**stages, "encode": 0.6, "read": 0.2, "screen": 0.2}, "total": 1.0}]
+    measured = Experiment("smoke", "cohort", [{"test": ["a"]}] * 2, experiment.MODELS,
+                          base="dmin_all", runs=runs, timing=timing, targets=experiment.targets)
+    out = measured.to_json()
+    assert set(JSON_KEYS) <= set(out["dmin_all"]) and set(JSON_KEYS) <= set(out["ahdmil"])
+    assert {"keep_rate", "tumour_recall"} <= set(out["ahdmil"])
     assert out["ahdmil"]["keep_rate"] == pytest.approx(0.15) and out["ahdmil"]["tumour_recall"] == pytest.approx(0.95)
-    assert out["ahdmil"]["tiles_read"] == 20 and out["ahdmil"]["seconds_by_stage"]["db_lipn"] == pytest.approx(0.2)
-    assert out["targets"]["speedup"] == pytest.approx(4.0)
+    assert out["ahdmil"]["tiles_read"] == 20 and out["ahdmil"]["seconds_by_stage"]["screen"] == pytest.approx(0.2)
     assert out["targets"] == {"speedup": pytest.approx(4.0), "speedup_at_least_2x": True,
                               "auc_at_least_dmin_all": True, "tumour_recall_at_least_95pct": True}
-    experiment.runs[-1]["tumour_recall"] = 0.8
-    assert not experiment.to_json()["targets"]["tumour_recall_at_least_95pct"]
+    measured.runs[-1]["tumour_recall"] = 0.8
+    assert not measured.to_json()["targets"]["tumour_recall_at_least_95pct"]
+    for run in measured.runs:  # a cohort without label maps: no recall, no recall target
+        run.pop("tumour_recall", None)
+    assert "tumour_recall_at_least_95pct" not in measured.to_json()["targets"]
+
+
+# -- the interface on a cohort: fit -> save -> load -> predict, and the smoke experiment ------------
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory):
+    """A phantom cohort of 8 slides of 512 px (label maps included)."""
+    return make_cohort(tmp_path_factory.mktemp("ahdmil_cohort") / "cohort", n_slides=8, slide_size=512)
+
+
+@pytest.fixture
+def tiny_encoders(monkeypatch):
+    """Every encoder the method builds (to fit, to load) is the tiny one."""
+    monkeypatch.setattr(ahdmil, "build_encoder", lambda name, pretrained=True, **kwargs: tiny_encoder())
+
+
+def tiny_fit(cohort, **overrides):
+    config, schedule = tiny(encoder="tiny_resnet_gn", k_sample=2, **overrides)
+    config = replace(config, **TINY_GEOMETRY)
+    split = {"train": cohort.ids()[:4], "val": cohort.ids()[4:6], "test": cohort.ids()[6:]}
+    return ahdmil.fit(cohort, split, config, schedule), split
+
+
+def test_fit_save_load_predict_gives_the_same_prediction_and_fit_resumes(tiny_cohort, tmp_path,
+                                                                         tiny_encoders):
+    trained, split = tiny_fit(tiny_cohort, checkpoint_dir=str(tmp_path / "parts"))
+    assert trained.history["step1"].best_epoch is not None and trained.history["tries"] >= 1
+    slide = tiny_cohort.slide_path(split["test"][0])
+    before = trained.predictor()(slide)
+    loaded = methods.load(trained.save(tmp_path / "ahdmil.pt"), "ahdmil")
+    assert isinstance(loaded, ahdmil.Trained) and loaded.config == trained.config
+    after = loaded.predictor()(slide)
+    assert isinstance(after, Prediction) and after.slide_id == split["test"][0]
+    assert set(after.tiles_read) == {1.25, 20.0} and after.pixels_decoded > 0
+    assert 0 < after.tiles_read[20.0] <= after.tiles_read[1.25] == len(after.details["grid"])
+    assert after.probability == before.probability and after.tiles_read == before.tiles_read
+    np.testing.assert_array_equal(after.details["keep"], before.details["keep"])
+    # every step checkpointed its epochs in its own folder: a second fit finds them all done
+    assert {p.name for p in (tmp_path / "parts").iterdir()} >= {"step1", "step2_try1"}
+    again, _ = tiny_fit(tiny_cohort, checkpoint_dir=str(tmp_path / "parts"))
+    assert again.history["step1"].rows == trained.history["step1"].rows
+    for name, value in trained.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], value), name
+
+
+def test_fit_runs_on_a_cohort_folder_without_label_maps(tiny_cohort, tmp_path, tiny_encoders):
+    folder = shutil.copytree(tiny_cohort.root, tmp_path / "no_masks",
+                             ignore=shutil.ignore_patterns("masks"))
+    cohort = load_cohort(folder)
+    assert not cohort.has_label_maps
+    trained, split = tiny_fit(cohort)
+    prediction = trained.predictor()(cohort.slide_path(split["test"][0]))
+    assert 0.0 <= prediction.probability <= 1.0 and prediction.tiles_read[20.0] > 0
+
+
+def test_the_smoke_experiment_on_a_tiny_cohort_gives_the_json_keys(tiny_cohort, tmp_path, tiny_encoders):
+    config = experiment.config_for("smoke", encoder="tiny_resnet_gn", hidden=8, attention_hidden=4,
+                                   degree=3, k_sample=2, **TINY_GEOMETRY)
+    measured = experiment.run_experiment("smoke", tiny_cohort, config,
+                                         checkpoint_path=tmp_path / "ahdmil.pt")
+    assert isinstance(measured, Experiment) and len(measured.splits) == 2
+    out = measured.to_json()
+    for model in ("dmin_all", "ahdmil"):  # the timed pipelines
+        assert set(JSON_KEYS) <= set(out[model]), model
+    assert set(experiment.MODELS) <= set(out) and "tumour_recall" in out["ahdmil"]
+    assert {"speedup", "auc_at_least_dmin_all", "tumour_recall_at_least_95pct"} <= set(out["targets"])
+    assert [row["split"] for row in out["step2_gate_by_split"]] == [0, 1]
+    assert isinstance(methods.load(measured.checkpoint, "ahdmil"), ahdmil.Trained)
+    kept = measured.models["kept"]
+    assert len(kept["ahdmil"]) == len(kept["dmin_own_mask"]) == len(kept["grid"])

@@ -353,9 +353,9 @@ def test_a_cached_feature_equals_the_predictors_feature_of_the_same_tile(tmp_pat
     else:  # every 20x tissue tile (no screen), DMIN on top
         model = ahdmil.AHDMIL(ahdmil.DMIN(8, hidden=8, attention_hidden=4, degree=3),
                               ahdmil.DBLIPN(2, crop_size=4))
-        geometry = dict(hr_mag=20.0, hr_tile=64, screen_mag=1.25, screen_tile=4)
-        predictor = ahdmil.Predictor(model, encoder, geometry, screen=False)
-    grid = predictor(path, details=True)["grid"]
+        config = ahdmil.Config(encoder="tiny_resnet_gn", hr_tile=64)
+        predictor = ahdmil.Trained(config, model, encoder).predictor(screen=False)
+    grid = predictor(path).details["grid"]
     seen = torch.cat(encoder.outputs).cpu()  # (N, 8): what the predictor classified
     assert len(grid) > 8 and seen.shape == (len(grid), 8)
     cached = extract_features(path, grid, encoder, tmp_path / "cache", batch_size=5)  # other batches

@@ -108,7 +108,7 @@ def load(path, method: str | None = None) -> Trained:
     how = "train one with `mini-kd train METHOD COHORT --out FILE` or fix the path"
     kind = f"{method or 'mini_kd'}"
     saved = read_checkpoint(path, kind, how)
-    with foreign_checkpoint(path, f"a {kind} checkpoint", how):
+    with foreign_checkpoint(path, f"a checkpoint of {kind}", how):
         name, version = saved["method"], saved["format_version"]
         config, state = saved["config"], saved["state"]
     if method is not None and name != method:
@@ -118,7 +118,7 @@ def load(path, method: str | None = None) -> Trained:
         raise MiniKDError(f"{path} has checkpoint format {version}; this mini_kd reads format "
                           f"{FORMAT_VERSION}: train the model again")
     module = method_module(name)
-    with foreign_checkpoint(path, f"a {name} checkpoint", how):
+    with foreign_checkpoint(path, f"a checkpoint of {name}", how):
         known = {f.name for f in fields(module.Config)}
         config = module.Config(**{k: v for k, v in config.items() if k in known})
         return module.Trained.from_state(config, state)
