@@ -90,9 +90,35 @@ def cohort(preset: str, folder=None):
 # Each method's schedule per preset: the fields of its ``Schedule`` dataclass that the preset
 # changes (epochs, batches, tiles per stage, splits); the rest keep the Schedule's defaults.
 SCHEDULES: dict[str, dict[str, dict]] = {
-    "reskd": {"smoke": {}, "book": {}, "gpu": {}},
+    "reskd": {
+        # tests: one pass over a handful of 128-px regions, ≤ 2 minutes with the notebook around it
+        "smoke": dict(region_size=128, region_stride=32, regions_per_class=24, epochs=2,
+                      teacher_epochs=3, batch_size=32, accumulate=1, n_views=1,
+                      unlabeled_slides=(0, 2), unlabeled_regions=16, bootstrap=1000),
+        # the book: 256-px regions keep every student's maps above 1 x 1 down to ÷8 (64x fewer
+        # FLOPs); a ÷N epoch costs about 1/N² of a teacher epoch, so the costly ÷2 and ÷4
+        # students train fewer epochs
+        "book": dict(region_size=256, region_stride=64, regions_per_class=128, epochs=30,
+                     teacher_epochs=4, epochs_by_factor={2: 8, 4: 15}, batch_size=32, accumulate=1,
+                     n_views=2, unlabeled_slides=(0, 6, 12, 24), unlabeled_regions=16),
+        # one GPU: a larger phantom, more regions and copies, the paper's schedule but shorter
+        "gpu": dict(region_size=256, region_stride=64, regions_per_class=1024, epochs=30,
+                    teacher_epochs=30, batch_size=32, accumulate=1, n_views=8,
+                    unlabeled_slides=(0, 25, 50, 100), unlabeled_regions=64),
+    },
     "lrmil": {"smoke": {}, "book": {}, "gpu": {}},
-    "ahdmil": {"smoke": {}, "book": {}, "gpu": {}},
+    "ahdmil": {
+        # the paper: 200 epochs per step at lr 1e-5 on ~400 slides; on a few dozen phantom slides
+        # the schedules are shorter and DB-LIPN's learning rate higher: it first falls to the
+        # one-tile fallback (its targets S are mostly negative) and must climb out; at 3e-3 it
+        # stayed there for all 8 book epochs on one of three seeds, at 1e-3 it left after one
+        "smoke": dict(epochs=4, min_epochs=2, patience=None, step2_epochs=3, step2_patience=None,
+                      dmin_lr=1e-4, lipn_lr=1e-3),
+        "book": dict(epochs=10, min_epochs=4, patience=4, step2_epochs=8, step2_patience=None,
+                     dmin_lr=3e-5, lipn_lr=1e-3),
+        "gpu": dict(epochs=100, min_epochs=20, patience=10, step2_epochs=50, step2_patience=10,
+                    dmin_lr=1e-5, lipn_lr=1e-3),
+    },
 }
 
 

@@ -438,7 +438,7 @@ CLI = {  # name -> (given -> (argv, inputs that must stay unchanged, outputs tha
                                            "is a file; give a folder"),
     "predict: text checkpoint": (lambda g: (["predict", "lrmil", g.text_checkpoint, g.slide, "--out", g.csv],
                                             [g.text_checkpoint, g.slide], [g.csv]),
-                                 "not a readable LRMIL checkpoint"),
+                                 "not a readable lrmil checkpoint"),
     "predict: missing slide": (lambda g: (["predict", "lrmil", g.checkpoint, g.tmp / "nope.svs", "--out", g.csv],
                                           [g.checkpoint], [g.csv]), "no slide or folder at"),
     "predict: folder without slides": (lambda g: (["predict", "lrmil", g.checkpoint, g.no_slides, "--out",

@@ -11,7 +11,9 @@ import mini_kd.encoders
 import mini_kd.presets
 from mini_kd.encoders import build_encoder
 from mini_kd.experiments import time_pipelines
+from mini_kd.experiments import ahdmil as ahdmil_experiment
 from mini_kd.methods import Prediction, ahdmil, lrmil
+from mini_kd.runtime import torch_threads
 from mini_kd.phantom import make_cohort
 from mini_kd.train import FitConfig, fit
 
@@ -89,7 +91,7 @@ def lrmil_run(cohort, monkeypatch):
         patch.setattr(mini_kd.presets, "cohort", lambda preset: cohort)
         patch.setattr(lrmil, "build_encoder", lambda name: tiny_encoder())
         patch.setattr(lrmil, "_probabilities", recording)
-        with ahdmil.torch_threads(1):  # small networks: one thread is faster than two
+        with torch_threads(1):  # small networks: one thread is faster than two
             experiment = lrmil.run_experiment("smoke", config, timing=False)
     return np.concatenate(probabilities), torch.load(experiment.checkpoint, weights_only=True)
 
@@ -101,30 +103,31 @@ def test_lrmils_smoke_experiment_gives_bit_identical_predictions_twice(tiny_coho
     assert len(first) == 2 * (6 * 2 + 3 * 2)  # per split: 6 models x 2 test slides, and
     # torchmil's ABMIL validates on 2 slides in each of its 3 epochs
     np.testing.assert_array_equal(first, again)
-    for part in ("encoder", "student"):
-        for name, value in saved[part]["state_dict"].items():
-            assert torch.equal(value, saved_again[part]["state_dict"][name]), (part, name)
+    saved, saved_again = saved["state"], saved_again["state"]  # methods.Trained.save's layout
+    for part, states in (("encoder", lambda s: s["encoder"]), ("student", lambda s: s["student"]["state_dict"])):
+        for name, value in states(saved).items():
+            assert torch.equal(value, states(saved_again)[name]), (part, name)
 
 
 def ahdmil_run(cohort, monkeypatch):
     """AHDMIL's smoke experiment on ``cohort``: every test probability and keep mask."""
     outputs = []
-    real = ahdmil.score_bags
+    real = ahdmil_experiment.score_bags
 
-    def recording(bags, predict):
+    def recording(bags, predict, tumour=None):
         def predict_and_record(bag):
             p, kept = predict(bag)
             outputs.append((p.numpy().copy(), None if kept is None else kept.numpy().copy()))
             return p, kept
-        return real(bags, predict_and_record)
+        return real(bags, predict_and_record, tumour)
 
-    config = ahdmil.config_for("smoke", encoder="tiny_resnet_gn", hidden=8, attention_hidden=4,
-                               degree=3, k_sample=2, abmil_hidden=4)
+    config = ahdmil_experiment.config_for("smoke", encoder="tiny_resnet_gn", hidden=8,
+                                          attention_hidden=4, degree=3, k_sample=2)
     with monkeypatch.context() as patch:
-        patch.setattr(mini_kd.presets, "cohort", lambda preset: cohort)
-        patch.setattr(mini_kd.encoders, "build_encoder", lambda name, **kwargs: tiny_encoder())
-        patch.setattr(ahdmil, "score_bags", recording)
-        ahdmil.run_experiment("smoke", config, timing=False)
+        patch.setattr(ahdmil, "build_encoder", lambda name, **kwargs: tiny_encoder())
+        patch.setattr(ahdmil_experiment, "score_bags", recording)
+        patch.setattr(ahdmil_experiment, "ABMIL_HIDDEN", 4)
+        ahdmil_experiment.run_experiment("smoke", cohort, config, timing=False)
     return outputs
 
 
@@ -166,10 +169,9 @@ def tiny_bags(n_slides=6):
 
 def step1_fit(checkpoint_dir=None, interrupt_after=None):
     """AHDMIL step 1 (Gumbel noise, dropout, a weighted sampler) for 4 epochs."""
-    config = ahdmil.AHDMILConfig(hidden=8, attention_hidden=4, degree=3, k_sample=2)
+    config = ahdmil.Config(hidden=8, attention_hidden=4, degree=3, k_sample=2)
     bags = tiny_bags()
-    torch.manual_seed(0)
-    dmin = ahdmil.build_dmin(6, config)
+    dmin = ahdmil.new_dmin(6, config, seed=0)
     step = lambda m, b: ahdmil.sd_step(m, b, config)  # noqa: E731
     if interrupt_after is not None:
         step = interrupted_after(interrupt_after, len(bags[:4]), step)
@@ -181,10 +183,9 @@ def step1_fit(checkpoint_dir=None, interrupt_after=None):
 
 def step2_fit(checkpoint_dir=None, interrupt_after=None):
     """AHDMIL step 2 (two steps, two optimisers, random soft/hard mode, cross-EMA) for 4 epochs."""
-    config = ahdmil.AHDMILConfig(hidden=8, attention_hidden=4, degree=3, attn_ratio=0.5)
+    config = ahdmil.Config(hidden=8, attention_hidden=4, degree=3, attn_ratio=0.5)
     bags = tiny_bags()
-    torch.manual_seed(0)
-    model = ahdmil.AHDMIL(ahdmil.build_dmin(6, config), ahdmil.DBLIPN(2, 4))
+    model = ahdmil.AHDMIL(ahdmil.new_dmin(6, config, seed=0), ahdmil.DBLIPN(2, 4))
     lipn = lambda m, b: ahdmil.lipn_step(m, b, config)  # noqa: E731
     if interrupt_after is not None:
         lipn = interrupted_after(interrupt_after, len(bags[:4]), lipn)
@@ -193,7 +194,7 @@ def step2_fit(checkpoint_dir=None, interrupt_after=None):
         return {"lipn": torch.optim.Adam(m.lipn.parameters(), 1e-2),
                 "dmin": torch.optim.Adam(m.dmin.parameters(), 1e-3)}
 
-    with ahdmil.torch_threads(1):  # DB-LIPN's small convolutions crawl on two busy threads
+    with torch_threads(1):  # DB-LIPN's small convolutions crawl on two busy threads
         fit(model, {"lipn": lipn, "dmin": ahdmil.finetune_step}, ahdmil.slide_loader(bags[:4], 1),
             FitConfig(epochs=4, checkpoint_dir=checkpoint_dir), optimizer=optimizers,
             val_step=ahdmil.ahdmil_val_step, val_data=[bag.item() for bag in bags[4:]],

@@ -50,8 +50,9 @@ Deviations from the authors' code (each a fix or a stated choice):
   weights train (few epochs on a CPU); the checkpoint is the epoch with the lowest training loss,
   as in the authors' code.
 - The authors give no hyperparameters. :func:`run_experiment` chooses λ_bag, λ_soft, T_b and T_a
-  by a small sweep on the validation slides of its first split (lowest validation cross-entropy,
-  :func:`sweep_stage2`, shown in notebook 03) and trains every stage-2 student with the winner;
+  by a small sweep per split: fit on that split's train slides, chosen on its validation slides
+  (lowest validation cross-entropy, :func:`sweep_stage2`, shown in notebook 03); the winner trains
+  that split's stage-2 students, so no split's setting was chosen with its own test slides;
   the defaults below serve when no sweep runs. λ_ce = 1 (and on the CPU presets λ_hard = 0.5
   and topk = 2) are fixed.
 - The MIL models keep the epoch with the lowest validation cross-entropy (the authors monitor
@@ -84,7 +85,8 @@ from mini_kd.encoders import Encoder, block_means, build_encoder, copy_encoder, 
 from mini_kd.errors import MiniKDError
 from mini_kd.evaluate import classification_metrics, repeated_splits, summarize
 from mini_kd.experiments import time_pipelines
-from mini_kd.inference import StageTimer
+from mini_kd import methods
+from mini_kd.inference import StageTimer, predict_slide
 from mini_kd.kd import attention_kl_loss, soft_target_loss
 from mini_kd.mil import ABMIL, InstanceClassifier, masked_softmax, topk_instance_loss
 from mini_kd.phantom import TUMOUR
@@ -126,7 +128,7 @@ class LRMILConfig:
     stage1_epochs: int = 10
     stage1_lr: float = 1e-4
     stage1_batch: int = 32
-    # stage 2 (run_experiment replaces the swept ones by sweep_stage2's best)
+    # stage 2 (run_experiment replaces the swept ones by each split's sweep_stage2 best)
     lambda_ce: float = 1.0
     lambda_bag: float = 1.0
     lambda_soft: float = 1.0
@@ -663,42 +665,72 @@ class SlidePredictor:
         return result
 
 
+def abmil_predictor(encoder: Encoder, mil: ABMIL, mag: float, tile_size: int,
+                    min_tissue: float = 0.5, device: str | None = None):
+    """``predict(slide_path, mpp=None) -> Prediction``: ``encoder`` + ABMIL on the tissue tiles at
+    ``mag`` (stages tissue, grid, read, encode, MIL), on :mod:`mini_kd.inference`."""
+    device = pick_device(device)
+    encoder.to(device).eval()
+    mil.to(device).eval()
+
+    def predict(run):
+        grid = run.grid(mag, tile_size, min_tissue)
+        features = run.encode(grid, encoder, device=device)  # (N, D)
+        with run.timer.stage("MIL"):
+            out = mil(features.unsqueeze(0))  # logits (1, C)
+            probability = torch.softmax(out.logits, -1)[0, 1].item()
+        return probability, {"grid": grid,
+                             "attention": torch.softmax(out.attention_logits[0], 0).cpu().numpy()}
+
+    return lambda slide_path, mpp=None: predict_slide(slide_path, predict, mpp)
+
+
+Config = LRMILConfig
+
+
+class Trained(methods.Trained):
+    """LRMIL after both stages: the distilled 5x encoder and the stage-2 student."""
+
+    method = "lrmil"
+
+    def __init__(self, config: LRMILConfig, lr_encoder: Encoder, student: StudentABMIL,
+                 encoder_kwargs: dict | None = None):
+        self.config, self.lr_encoder, self.student = config, lr_encoder, student
+        self.encoder_kwargs = dict(encoder_kwargs or {})
+
+    def state(self) -> dict:
+        return {"encoder_kwargs": self.encoder_kwargs, "encoder": self.lr_encoder.state_dict(),
+                "student": {"in_dim": self.student.in_dim, "n_classes": self.student.n_classes,
+                            "state_dict": self.student.state_dict()}}
+
+    @classmethod
+    def from_state(cls, config: LRMILConfig, state: dict) -> "Trained":
+        encoder = build_encoder(config.encoder, pretrained=False, **state["encoder_kwargs"])
+        encoder.load_state_dict(state["encoder"])
+        s = state["student"]
+        student = StudentABMIL(s["in_dim"], s["n_classes"], config.hidden, config.gated)
+        student.load_state_dict(s["state_dict"])
+        return cls(config, encoder, student, state["encoder_kwargs"])
+
+    def predictor(self, device=None):
+        """Reads 5x tiles only: the distilled encoder, then the student."""
+        c = self.config
+        return abmil_predictor(self.lr_encoder, self.student, c.lr_mag, c.lr_tile, c.min_tissue,
+                               device)
+
+
 def save_checkpoint(path, lr_encoder: Encoder, student: StudentABMIL, config: LRMILConfig,
                     encoder_kwargs: dict | None = None) -> Path:
-    """One file with everything inference needs: the LR encoder, the student and the geometry."""
-    return write_checkpoint({
-        "method": "lrmil",
-        "encoder": {"name": config.encoder, "kwargs": dict(encoder_kwargs or {}),
-                    "state_dict": lr_encoder.state_dict()},
-        "student": {"in_dim": student.in_dim, "n_classes": student.n_classes,
-                    "hidden": config.hidden, "gated": config.gated,
-                    "state_dict": student.state_dict()},
-        "geometry": {"mag": config.lr_mag, "tile_size": config.lr_tile,
-                     "min_tissue": config.min_tissue, "k": config.k, "hr_mag": config.hr_mag,
-                     "hr_tile": config.hr_tile},
-        "config": json.dumps(asdict(config)),
-    }, path)
+    """One file with everything inference needs (:meth:`Trained.save`)."""
+    return Trained(config, lr_encoder, student, encoder_kwargs).save(path)
 
 
 def load_predictor(checkpoint, device: str | None = None) -> SlidePredictor:
-    """The predictor ``mini-kd predict lrmil CHECKPOINT SLIDE`` calls: reads 5x tiles only."""
-    path = Path(checkpoint)
-    saved = read_checkpoint(path, "LRMIL", "train one (notebook 03 or lrmil.run_experiment saves "
-                                           "it) or fix the path")
-    with foreign_checkpoint(path, "an LRMIL checkpoint",
-                            "use a file written by mini_kd.methods.lrmil.save_checkpoint"):
-        if saved.get("method") != "lrmil":
-            raise KeyError("method")
-        encoder = build_encoder(saved["encoder"]["name"], pretrained=False,
-                                **saved["encoder"]["kwargs"])
-        encoder.load_state_dict(saved["encoder"]["state_dict"])
-        s = saved["student"]
-        student = StudentABMIL(s["in_dim"], s["n_classes"], s["hidden"], s["gated"])
-        student.load_state_dict(s["state_dict"])
-        geometry = saved["geometry"]
-        mag, tile_size, min_tissue = geometry["mag"], geometry["tile_size"], geometry["min_tissue"]
-    return SlidePredictor(encoder, student, mag, tile_size, min_tissue, device=device,
-                          geometry=geometry)
+    """The experiment's dict-returning predictor of a checkpoint saved by :func:`save_checkpoint`."""
+    trained = methods.load(checkpoint, "lrmil")
+    c = trained.config
+    return SlidePredictor(trained.lr_encoder, trained.student, c.lr_mag, c.lr_tile, c.min_tissue,
+                          device=device)
 
 
 # == 8. the experiment the notebook and the benchmark run ==========================================
@@ -726,8 +758,8 @@ class Experiment:
     splits: list[dict]
     runs: list[dict] = field(default_factory=list)      # one row per split and model: test metrics
     stage1: list[dict] = field(default_factory=list)    # one row per split and stage-1 epoch
-    sweep: list[dict] = field(default_factory=list)     # one row per stage-2 setting (split 0, val)
-    stage2_setting: dict = field(default_factory=dict)  # what the stage-2 students trained with
+    sweep: list[dict] = field(default_factory=list)     # one row per split and stage-2 setting (val)
+    stage2_setting: list[dict] = field(default_factory=list)  # per split: its students' setting
     timing: list[dict] = field(default_factory=list)    # one row per slide and pipeline: seconds
     heatmap: dict = field(default_factory=dict)         # one test slide's attention maps
     checkpoint: Path | None = None                       # LRMIL of split 0, for mini-kd predict
@@ -788,8 +820,9 @@ class Experiment:
                 "auc_at_least_98pct_of_hr_abmil": bool(ours["auc"] >= 0.98 * hr["auc"]),
                 "auc_above_lr_abmil": bool(ours["auc"] > lr["auc"]),
             }
-        if self.sweep:
-            out["sweep_best"] = self.sweep[0]
+        if self.sweep:  # rows are sorted best first within each split
+            out["sweep_best"] = [next(row for row in self.sweep if row["split"] == r)
+                                 for r in dict.fromkeys(row["split"] for row in self.sweep)]
         out["stage2_setting"] = self.stage2_setting
         return out
 
@@ -893,8 +926,9 @@ def run_experiment(preset: str = "book", config: LRMILConfig | None = None, swee
     Per split (:func:`mini_kd.evaluate.repeated_splits`, stratified train/val/test): the HR
     teacher, torchmil's ABMIL, stage 1 (cached), distilled 5x features, then four LR students --
     LR ABMIL, stage 1 only, stage 2 only, LRMIL -- all scored on the split's test slides.
-    On split 0 also: the stage-2 sweep on validation (``sweep``; its best setting then trains
-    the stage-2 students of every split, else the config's values do), the per-slide timing of HR
+    Per split also the stage-2 sweep (``sweep``): fit on the split's train slides, chosen on its
+    validation slides; its best setting trains that split's stage-2 students (without ``sweep``
+    the config's values do). On split 0 also: the per-slide timing of HR
     ABMIL, LR ABMIL and LRMIL from the slide files (``timing``; the three run in a random order
     per slide, seeded by ``config.seed``, so no one of them always pays the cold file cache),
     an attention heatmap, and the LRMIL checkpoint. ``timing_slides`` overrides the preset's
@@ -921,7 +955,6 @@ def run_experiment(preset: str = "book", config: LRMILConfig | None = None, swee
     lr_plain = cohort_features(cohort, lr_grids, hr_encoder)  # 5x through the un-distilled copy
     splits = repeated_splits(ids, [labels[s] for s in ids], setting["n_splits"], config.seed)
     experiment = Experiment(preset, config, splits)
-    stage2 = config  # the stage-2 students' settings: the sweep's best once it has run
 
     for r, split in enumerate(progress(splits, desc="splits")):
         test_y = np.array([labels[s] for s in split["test"]])
@@ -933,11 +966,14 @@ def run_experiment(preset: str = "book", config: LRMILConfig | None = None, swee
                                              teacher, hr_encoder, config)
         experiment.stage1 += [{"split": r, **row} for row in history]
         lr_distilled = cohort_features(cohort, lr_grids, lr_encoder)
-        if r == 0 and sweep:
-            experiment.sweep = sweep_stage2(lr_distilled, labels, split, teacher, guides, config,
-                                            setting["sweep"])
-            stage2 = replace(config, **{k: experiment.sweep[0][k] for k in setting["sweep"]})
-        experiment.stage2_setting = {k: getattr(stage2, k) for k in setting["sweep"]}
+        stage2 = config  # the stage-2 students' settings: this split's sweep winner, if it ran
+        if sweep:  # on this split's own train (fit) and validation (choice) slides only
+            rows = sweep_stage2(lr_distilled, labels, split, teacher, guides, config,
+                                setting["sweep"])
+            experiment.sweep += [{"split": r, **row} for row in rows]
+            stage2 = replace(config, **{k: rows[0][k] for k in setting["sweep"]})
+        experiment.stage2_setting.append({"split": r, **{k: getattr(stage2, k)
+                                                         for k in setting["sweep"]}})
         models = {
             "hr_abmil": (teacher_model, hr_features),
             "hr_abmil_torchmil": (train_torchmil_abmil(hr_features, labels, split, config),
