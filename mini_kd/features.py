@@ -65,6 +65,7 @@ def encode_tiles(slide_path, grid: TileGrid, encoder: nn.Module, batch_size: int
             batches.append(encoder(x).cpu().numpy())  # (B, D)
     finally:
         encoder.train(was_training)
+        loader.dataset.close()
     if not batches:
         return np.empty((0, encoder.embed_dim), np.float32)
     return np.concatenate(batches)  # (N, D)

@@ -273,6 +273,12 @@ class TileDataset(Dataset):
             self._slide = open_slide(self.slide_path, mpp=self.mpp, magnification=self.magnification)
         return self._slide
 
+    def close(self) -> None:
+        """Close the slide this process opened (a worker's copy closes with its process)."""
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
     def __getitem__(self, index: int) -> torch.Tensor:
         x, y = self.grid.coords[index]
         return torch.from_numpy(self._open().read(x, y, self.grid.tile_size, self.grid.mag))

@@ -74,3 +74,44 @@ def test_extract_reports_a_damaged_slide_in_one_line_and_keeps_the_others(cohort
     assert len(err) == 1 and "1 of 6 slides failed" in err[0] and damaged.name in err[0]
     assert sorted(features_in(out)) == [i for i in cohort.ids() if i != cohort.ids()[1]]
     assert main(["extract", str(tmp_path / "nowhere"), *EXTRACT, "--out", str(out)]) == 2
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory):
+    """Eight phantom slides (train, val and test each hold both classes), and a copy of the same
+    folder without its tumour masks, as a user's own cohort would come."""
+    root = tmp_path_factory.mktemp("train")
+    with_masks = make_cohort(root / "masks", n_slides=8, slide_size=768).root
+    without = shutil.copytree(with_masks, root / "no_masks", ignore=shutil.ignore_patterns("masks"))
+    return {"with masks": with_masks, "without masks": without}
+
+
+@pytest.mark.parametrize("kind", ["with masks", "without masks"])
+@pytest.mark.parametrize("method", ["reskd", "ahdmil"])
+def test_train_evaluate_predict_a_cohort_at_the_smoke_preset(method, kind, cohorts, tmp_path,
+                                                             capsys, monkeypatch):
+    monkeypatch.setenv("MINI_KD_DATA", str(tmp_path / "data"))
+    cohort, checkpoint = cohorts[kind], tmp_path / f"{method}.pt"
+    assert main(["train", method, str(cohort), "--preset", "smoke", "--out", str(checkpoint)]) == 0
+    assert checkpoint.is_file() and not (tmp_path / f"{method}.pt.parts").exists()
+    metrics = tmp_path / "metrics.json"
+    assert main(["evaluate", method, str(checkpoint), str(cohort), "--split", "all",
+                 "--out", str(metrics)]) == 0
+    result = json.loads(metrics.read_text())
+    assert result["n_slides"] == 8 and len(result["slides"]) == 8
+    assert 0.0 <= result["auc"] <= 1.0 and result["auc_ci"][0] <= result["auc"] <= result["auc_ci"][1]
+    assert result["seconds_per_slide"] > 0 and result["pixels_decoded"] > 0 and result["tiles_read"]
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", method, str(checkpoint), str(cohort / "slides"), "--out", str(out)]) == 0
+    rows = out.read_text().splitlines()
+    assert len(rows) == 9 and rows[0].startswith("slide_id,label,probability")
+    err = capsys.readouterr().err
+    assert "warning" not in err, err  # nothing left open, nothing to warn about
+
+
+def test_train_refuses_a_leftover_run_unless_resumed(cohorts, tmp_path, capsys):
+    checkpoint = tmp_path / "a.pt"
+    (tmp_path / "a.pt.parts").mkdir()
+    assert main(["train", "ahdmil", str(cohorts["with masks"]), "--preset", "smoke",
+                 "--out", str(checkpoint)]) == 2
+    assert "--resume" in capsys.readouterr().err and not checkpoint.exists()
