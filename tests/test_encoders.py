@@ -349,7 +349,7 @@ def test_a_cached_feature_equals_the_predictors_feature_of_the_same_tile(tmp_pat
     torch.manual_seed(0)
     encoder = _recording(tiny_resnet_gn(widths=(8, 8, 8, 8), groups=4).eval())
     if method == "lrmil":  # 5x tiles, the LR student on top
-        predictor = lrmil.SlidePredictor(encoder, lrmil.StudentABMIL(8, 2, hidden=8), 5.0, 16)
+        predictor = lrmil.abmil_predictor(encoder, lrmil.StudentABMIL(8, 2, hidden=8), 5.0, 16)
     else:  # every 20x tissue tile (no screen), DMIN on top
         model = ahdmil.AHDMIL(ahdmil.DMIN(8, hidden=8, attention_hidden=4, degree=3),
                               ahdmil.DBLIPN(2, crop_size=4))
