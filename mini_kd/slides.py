@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import tifffile
 import tiffslide
@@ -248,9 +249,15 @@ class Slide:
         overlaps = grid.overlaps(x0, y0, width, height)  # stored tile -> regions it reaches
 
         def paste(data: bytes | None, index: int) -> None:
-            if data is not None:  # a tile the file leaves empty stays white
-                grid.paste(_decode(grid.page, data, index, self.path), index, regions,
-                           overlaps[index], x0, y0)
+            if data is None:  # a tile the file leaves empty stays white
+                return
+            members = overlaps[index]
+            same = grid.same_as(index, members, x0, y0, width, height)  # a region that is this tile
+            if same is None:
+                grid.paste(_decode(grid.page, data, index, self.path), index, regions, members, x0, y0)
+                return
+            _decode(grid.page, data, index, self.path, out=regions[same])  # straight into it
+            grid.paste(regions[same], index, regions, [i for i in members if i != same], x0, y0)
 
         page, file = grid.page, self._tiff.ts_tifffile.filehandle
         segments = file.read_segments([page.dataoffsets[i] for i in overlaps],
@@ -365,6 +372,18 @@ class _StoredGrid:
                     overlaps.setdefault(row * self.per_row + column, []).append(i)
         return overlaps
 
+    def same_as(self, index: int, members: list[int], x0: list, y0: list, width: int,
+                height: int) -> int | None:
+        """The first of ``members`` whose region is exactly stored tile ``index`` (the common case
+        at level 0: tiles the size of the stored ones, on their grid), if the tile can be decoded
+        straight into it (:func:`_direct`); else None."""
+        left, top = self.origin(index)
+        fits = (height, width) == (self.tile_height, self.tile_width) and \
+            left + width <= self.width and top + height <= self.height  # not a padded edge tile
+        if not (fits and _direct(self.page)):
+            return None
+        return next((i for i in members if (x0[i], y0[i]) == (left, top)), None)
+
     def paste(self, tile: np.ndarray, index: int, regions: np.ndarray, members: list[int],
               x0: list, y0: list) -> None:
         """Copy decoded stored tile ``index`` (h, w, samples) into each of ``regions[members]``
@@ -381,9 +400,23 @@ class _StoredGrid:
                 pixels[ya - top: yb - top, xa - left: xb - left]  # (h', w', 3 or 1 -> 3)
 
 
-def _decode(page: tifffile.TiffPage, data: bytes, index: int, path: Path) -> np.ndarray:
-    """(h, w, samples): stored tile ``index`` of ``page`` decoded by tifffile's codec (imagecodecs)."""
+def _direct(page: tifffile.TiffPage) -> bool:
+    """Whether ``page``'s tiles are 8-bit 3-sample JPEGs that :func:`_decode` can decode straight
+    into a caller's array (what tifffile's JPEG codec does, less its per-tile copy)."""
+    return (page.compression == tifffile.COMPRESSION.JPEG and page.samplesperpixel == 3
+            and page.planarconfig == tifffile.PLANARCONFIG.CONTIG and page.photometric in COLOUR)
+
+
+def _decode(page: tifffile.TiffPage, data: bytes, index: int, path: Path,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """(h, w, samples): stored tile ``index`` of ``page`` decoded by tifffile's codec (imagecodecs);
+    into ``out`` (h, w, 3) when given, for a :func:`_direct` page. An Aperio-style RGB JPEG without
+    a JFIF marker is decoded as RGB, not YCbCr, as tifffile does."""
     try:
+        if out is not None:
+            rgb = page.photometric == tifffile.PHOTOMETRIC.RGB and not page.is_jfif
+            return imagecodecs.jpeg_decode(data, tables=page.jpegtables, out=out, bitspersample=8,
+                                           colorspace=2 if rgb else None, outcolorspace=2)
         tile = page.decode(data, index, jpegtables=page.jpegtables)[0]  # (1, h, w, samples)
     except Exception as error:  # each codec raises its own type for damaged data
         raise MiniKDError(

@@ -80,6 +80,16 @@ def test_a_dense_request_decodes_each_stored_tile_once(slide_path, decoded):
     assert _indices(decoded, slide_path) == list(range(20))  # 63 tiles, 20 decodes
 
 
+def test_tiles_on_the_stored_grid_are_decoded_straight_into_the_batch(slide_path, decoded):
+    coords = [[0, 0], [256, 256], [512, 0], [256, 256], [100, 100]]  # 3 on the grid, one twice
+    with open_slide(slide_path) as slide, openslide.OpenSlide(str(slide_path)) as reference:
+        tiles = slide.read_tiles(coords, 256, 20)
+        theirs = np.stack([np.asarray(reference.read_region((x, y), 0, (256, 256)))[..., :3]
+                           for x, y in coords])
+    np.testing.assert_array_equal(tiles, theirs)
+    assert _indices(decoded, slide_path) == [0, 1, 2, 5, 6]  # (100, 100) also needs 1, 5 and 6
+
+
 def test_a_lower_magnification_decodes_the_coarser_level_only(slide_path, decoded):
     with open_slide(slide_path) as slide:
         slide.read_tiles([[0, 0], [512, 0], [1000, 0]], 32, 5)  # level-1 x 0..31, 128..159, 250..259
@@ -170,5 +180,20 @@ def test_a_damaged_stored_tile_is_a_clear_error(slide_path, tmp_path):
     damaged.write_bytes(bytes(data))
     with open_slide(damaged) as slide:
         slide.read(0, 0, 128, 20)  # stored tile 0 is intact
-        with pytest.raises(MiniKDError, match="cannot decode stored tile 6 .* download it again"):
-            slide.read(300, 300, 128, 20)
+        for x, size in [(300, 128), (256, 256)]:  # cut from stored tile 6; decoded straight
+            with pytest.raises(MiniKDError, match="cannot decode stored tile 6 .* download it again"):
+                slide.read(x, x, size, 20)
+
+
+@pytest.mark.parametrize("photometric", ["rgb", "ycbcr"])
+def test_a_tile_decoded_straight_equals_tifffiles_decode(tmp_path, photometric):
+    image = np.random.default_rng(3).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    path = tmp_path / f"{photometric}.tif"
+    tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="jpeg",
+                     compressionargs={"outcolorspace": photometric}, **RESOLUTION)
+    # "rgb": stored as RGB JPEGs without a JFIF marker, as Aperio does
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].photometric == tifffile.PHOTOMETRIC[photometric.upper()]
+        reference = tif.pages[0].asarray()  # (512, 512, 3), tifffile's own decoding
+    with open_slide(path) as slide:
+        np.testing.assert_array_equal(slide.read(256, 0, 256, 20), reference[:256, 256:])

@@ -130,3 +130,19 @@ def test_the_script_prints_the_cached_sample_in_one_line(pypi_sample):
                           env={**os.environ, "MINI_KD_QUIET": "1"})
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"sample slide: {pypi_sample}\n"
+
+
+def test_aperio_rgb_jpeg_tiles_decoded_straight_equal_openslide(pypi_sample):
+    """Aperio stores RGB (not YCbCr) JPEGs without a JFIF marker: a stored-grid read that is
+    decoded straight into the batch must not convert them as YCbCr."""
+    import numpy as np
+    import openslide
+
+    from mini_kd.slides import open_slide
+
+    coords = [[240, 0], [480, 960], [1200, 2160]]  # on the 240-px stored grid of level 0
+    with open_slide(pypi_sample) as slide, openslide.OpenSlide(str(pypi_sample)) as reference:
+        ours = slide.read_tiles(coords, 240, slide.magnification)
+        theirs = np.stack([np.asarray(reference.read_region((x, y), 0, (240, 240)))[..., :3]
+                           for x, y in coords])
+    np.testing.assert_array_equal(ours, theirs)
