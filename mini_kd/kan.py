@@ -72,3 +72,14 @@ class ChebyKAN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, out_dim={self.out_dim}, degree={self.degree}"
+
+
+HEADS = ("cka", "linear")
+
+
+def head(in_dim: int, out_dim: int, kind: str = "cka", degree: int = 12) -> nn.Module:
+    """A classifier layer ``in_dim`` -> ``out_dim``: ``"cka"`` a :class:`ChebyKAN` of ``degree``
+    (AHDMIL's CKA classifier), ``"linear"`` an ``nn.Linear`` (the ablation)."""
+    if kind not in HEADS:
+        raise MiniKDError(f"unknown head {kind!r}; choose 'cka' (the paper's) or 'linear'")
+    return ChebyKAN(in_dim, out_dim, degree) if kind == "cka" else nn.Linear(in_dim, out_dim)

@@ -16,7 +16,12 @@ instances and the bag is their weighted mean,
 
     α_n = exp(a_n) / Σ_{n'} exp(a_{n'}),        z = Σ_n α_n h_n ∈ R^D.
 
-**ABMIL** classifies the bag with one linear layer, ŷ = softmax(W z + b) ∈ R^C. LRMIL (Shin &
+**ABMIL** classifies the bag with one linear layer, ŷ = softmax(W z + b) ∈ R^C. Its input is
+each feature standardised with the training tiles' mean and standard deviation,
+h_n ← (h_n − μ) / σ (μ, σ ∈ R^D, buffers that :func:`train_abmil` sets and the checkpoint keeps;
+ours, not the papers'): EfficientNet's features span scales from 1e-3 to 1 across dimensions, and
+without it an ABMIL on real tissue, whose tumour is a few tiles of a slide, stays at chance (ours
+and torchmil's alike). LRMIL (Shin &
 Jeong 2026) uses it for both its HR teacher and its LR student (L = 128, no projection before
 the attention). AHDMIL's DMIN (Dong et al. 2025) scores every instance once per class,
 a_{n,c} = w_c^T[...] + b_c (``n_branches = C``, ``bias=True``), and pools once per class
@@ -27,19 +32,29 @@ pathology on whole-slide images", Nat. Biomed. Eng. 2021): the k instances with 
 scores are pseudo-labelled 1, the k lowest 0, and an instance classifier learns to tell them
 apart (LRMIL's hard instance loss L_hard, with scores from the teacher's attention).
 
-The interface follows torchmil: batch-first tensors, an explicit mask, and
-``forward(X, mask)``, ``compute_loss(Y, X, mask)``, ``predict(X, mask)``.
+The interface follows torchmil: batch-first tensors, an explicit mask, and ``forward(X, mask)``,
+``predict(X, mask)``.
+
+**One way to train it** (:func:`train_abmil`): bags of one slide each (batch size 1, as in the
+papers), Adam, the whole validation set's cross-entropy every epoch, the epoch with the lowest one
+kept -- for every teacher, student and baseline ABMIL of the package.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mini_kd.errors import MiniKDError
+from mini_kd.evaluate import classification_metrics
+from mini_kd.inference import predict_slide
+from mini_kd.runtime import pick_device, seed_everything, torch_threads
+from mini_kd.train import FitConfig, History, fit
 
 
 # -- softmax over the real instances of a bag ------------------------------------------------------
@@ -155,7 +170,7 @@ def check_bags(X: torch.Tensor, mask: torch.Tensor | None, in_dim: int) -> torch
         mask = torch.ones(X.shape[:2], dtype=torch.bool, device=X.device)
     if mask.shape != X.shape[:2]:
         raise MiniKDError(f"mask has shape {tuple(mask.shape)} but the bags are {tuple(X.shape[:2])} "
-                          "(B, N); pass the mask that pad_bags returned with X")
+                          "(B, N); pass one mask entry per instance of X")
     mask = mask.bool()
     if X.shape[1] == 0 or not mask.any(dim=1).all():
         raise MiniKDError("bag has no tiles (N = 0 or its mask is all False): a slide needs at least "
@@ -210,20 +225,20 @@ class ABMIL(nn.Module):
                  dropout: float = 0.0):
         super().__init__()
         self.in_dim, self.n_classes = in_dim, n_classes
+        self.register_buffer("mu", torch.zeros(in_dim))    # (D,) feature means of the training tiles
+        self.register_buffer("sigma", torch.ones(in_dim))  # (D,) their standard deviations
         self.attention = AttentionPool(in_dim, hidden, gated=gated, dropout=dropout)
         self.classifier = (BinaryLinear(in_dim) if n_classes == 2
                            else nn.Linear(in_dim, n_classes))
 
+    def standardise(self, X: torch.Tensor) -> torch.Tensor:
+        """(X − μ) / σ, feature by feature (the identity until :func:`train_abmil` sets μ, σ)."""
+        return (X - self.mu) / self.sigma
+
     def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         mask = check_bags(X, mask, self.in_dim)  # (B, N)
-        z, a = self.attention(X, mask)  # (B, D), (B, N)
+        z, a = self.attention(self.standardise(X), mask)  # (B, D), (B, N)
         return MILOutput(logits=self.classifier(z), attention_logits=a, bag=z)  # logits (B, C)
-
-    def compute_loss(self, Y: torch.Tensor, X: torch.Tensor, mask: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, dict]:
-        """Cross-entropy of the bag logits against the labels Y (B,); returns (loss, {"ce": loss})."""
-        loss = F.cross_entropy(self(X, mask).logits, Y)
-        return loss, {"ce": loss.detach()}
 
     @torch.no_grad()
     def predict(self, X: torch.Tensor, mask: torch.Tensor | None = None
@@ -264,3 +279,141 @@ def topk_instance_loss(instance_logits: torch.Tensor, scores: torch.Tensor, k: i
     chosen = torch.cat([order[:k], order[-k:]])  # (2k,) top then bottom
     labels = torch.tensor([1] * k + [0] * k, device=instance_logits.device)  # (2k,)
     return F.cross_entropy(instance_logits[chosen], labels)
+
+
+# -- training: one way for every ABMIL -------------------------------------------------------------
+def make_bags(features, labels: dict, ids, **per_slide: dict) -> list[dict]:
+    """One bag per slide of ``ids``: ``X`` (1, N, D) float32, ``y`` (1,), ``id``, and for every
+    keyword ``name={slide_id: tensor}`` the slide's tensor as ``name`` with a batch axis of 1
+    (e.g. a teacher's logits (1, C) or a guide (1, N)). ``features``: slide_id -> (N, D)."""
+    bags = []
+    for slide_id in ids:
+        X = torch.as_tensor(features[slide_id]).float()  # (N, D)
+        if X.ndim != 2 or len(X) == 0:
+            raise MiniKDError(f"{slide_id} has no tile features (shape {tuple(X.shape)}); a slide "
+                              "needs at least one tissue tile")
+        bags.append({"X": X.unsqueeze(0), "y": torch.tensor([int(labels[slide_id])]), "id": slide_id,
+                     **{name: values[slide_id].unsqueeze(0) for name, values in per_slide.items()}})
+    return bags
+
+
+class Bags:
+    """Bags as :func:`mini_kd.train.fit` batches: the tensors of one bag per batch, in a new
+    seeded order every epoch (the same seed gives the same orders)."""
+
+    def __init__(self, bags: list[dict], seed: int = 0):
+        self.bags = [{k: v for k, v in bag.items() if torch.is_tensor(v)} for bag in bags]
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.bags), generator=self.generator)
+        return (self.bags[i] for i in order.tolist())
+
+
+@torch.no_grad()
+def bag_probabilities(model: nn.Module, bags: list[dict]) -> np.ndarray:
+    """P(class 1) (S,) of each bag, in eval mode: the softmax of an ABMIL's logits, or the sigmoid
+    of a model that returns one logit per bag (torchmil's ABMIL)."""
+    model.eval()
+    device = next(model.parameters()).device
+    probs = []
+    for bag in bags:
+        out = model(bag["X"].to(device))
+        probs.append(torch.softmax(out.logits, -1)[0, 1].item() if hasattr(out, "logits")
+                     else torch.sigmoid(out)[0].item())
+    return np.array(probs)
+
+
+def bag_validation(bags: list[dict]) -> Callable[[nn.Module], dict]:
+    """``val_step(model)`` for :func:`mini_kd.train.fit`: the bags' mean cross-entropy
+    (``loss``, P(true class) clipped at 1e-7) and their AUC, over the whole set at once."""
+    y = np.array([int(bag["y"]) for bag in bags])
+
+    def val_step(model: nn.Module) -> dict:
+        probs = bag_probabilities(model, bags)
+        p_true = np.clip(np.where(y == 1, probs, 1 - probs), 1e-7, 1)
+        return {"loss": float(-np.log(p_true).mean()),
+                "auc": classification_metrics(y, probs)["auc"]}
+
+    return val_step
+
+
+def bag_ce_loss(model: ABMIL, bag: dict) -> tuple[torch.Tensor, dict]:
+    """CE(z, y) of one bag: ABMIL's training loss."""
+    loss = F.cross_entropy(model(bag["X"]).logits, bag["y"])
+    return loss, {"ce": loss.item()}
+
+
+def feature_scale(bags: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, σ), each (D,): the mean and standard deviation of every feature over all tiles of
+    ``bags`` (σ floored at 1e-6, so that a constant feature stays finite)."""
+    X = torch.cat([bag["X"][0] for bag in bags])  # (Σ N, D)
+    return X.mean(0), X.std(0).clamp_min(1e-6)
+
+
+class Standardised(nn.Module):
+    """A model without ABMIL's own μ, σ (torchmil's) behind the same (X − μ) / σ, so that it
+    sees what ours sees."""
+
+    def __init__(self, model: nn.Module, mu: torch.Tensor, sigma: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mu", mu)        # (D,)
+        self.register_buffer("sigma", sigma)  # (D,)
+
+    def forward(self, X: torch.Tensor, *args, **kwargs):
+        return self.model((X - self.mu) / self.sigma, *args, **kwargs)
+
+
+def train_abmil(train_bags: list[dict], val_bags: list[dict], fit_config: FitConfig,
+                model: nn.Module | None = None, loss: Callable | None = None, *,
+                hidden: int = 128, gated: bool = False, dropout: float = 0.0,
+                n_classes: int = 2) -> tuple[nn.Module, History]:
+    """Train an ABMIL on bags (:func:`make_bags`); returns (the model in eval mode, its history).
+
+    ``model`` defaults to ``ABMIL(D, n_classes, hidden, gated, dropout)`` initialised from
+    ``fit_config.seed``; ``loss(model, bag) -> (loss, metrics)`` to :func:`bag_ce_loss`. Every
+    epoch the whole validation set is scored (:func:`bag_validation`); the epoch with the lowest
+    validation cross-entropy is kept (``fit_config.monitor``, ``patience``, ``checkpoint_dir``:
+    see :class:`~mini_kd.train.FitConfig`). An :class:`ABMIL` gets μ, σ of the training tiles
+    (:func:`feature_scale`); another model is wrapped in :class:`Standardised` with them. On a CPU
+    it runs on one torch thread: a bag of tens to hundreds of tiles is too small for intra-op
+    parallelism.
+    """
+    if model is None:
+        seed_everything(fit_config.seed)
+        model = ABMIL(train_bags[0]["X"].shape[-1], n_classes, hidden, gated, dropout)
+    mu, sigma = feature_scale(train_bags)
+    if isinstance(model, ABMIL):
+        model.mu, model.sigma = mu, sigma
+    else:
+        model = Standardised(model, mu, sigma)
+    with torch_threads(1, fit_config.device):
+        history = fit(model, loss or bag_ce_loss, Bags(train_bags, fit_config.seed), fit_config,
+                      val_step=bag_validation(val_bags))
+    return model.eval(), history
+
+
+# -- inference: an encoder and an ABMIL on one slide file -------------------------------------------
+def abmil_predictor(encoder: nn.Module, mil: ABMIL, mag: float, tile_size: int,
+                    min_tissue: float = 0.5, device: str | None = None):
+    """``predict(slide_path, mpp=None) -> Prediction``: ``encoder`` + ABMIL on the tissue tiles at
+    ``mag`` (stages tissue, grid, read, encode, MIL), on :mod:`mini_kd.inference`; ``details``:
+    the ``grid`` and the ``attention`` α (N,). LRMIL's 5x predictor, and its HR and LR ABMIL."""
+    device = pick_device(device)
+    encoder.to(device).eval()
+    mil.to(device).eval()
+
+    def predict(run):
+        grid = run.grid(mag, tile_size, min_tissue)
+        features = run.encode(grid, encoder, device=device)  # (N, D)
+        with run.timer.stage("MIL"):
+            out = mil(features.unsqueeze(0))  # logits (1, C)
+            probability = torch.softmax(out.logits, -1)[0, 1].item()
+        return probability, {"grid": grid,
+                             "attention": torch.softmax(out.attention_logits[0], 0).cpu().numpy()}
+
+    return lambda slide_path, mpp=None: predict_slide(slide_path, predict, mpp)

@@ -29,7 +29,7 @@ What each slide holds (codes of :data:`mini_kd.phantom.LABELS`):
   tissue at low power that is purple (red > green, which leaves out the green marking ink). At
   1.25x it is a dark-purple band like a carcinoma island; at 20x its small regular nuclei are not;
 - tumour (3), in half of the slides: 1-2 islands of the carcinoma, together ``tumour_fraction``
-  (1-3 %) of the slide's tissue, pasted inside the tissue, their rim a 2-px ramp. The carcinoma is
+  (3-8 % by default) of the slide's tissue, pasted inside the tissue, their rim a 2-px ramp. The carcinoma is
   stain-normalised once (Reinhard: mean and standard deviation of each CIELAB channel) to the
   look-alike tissue of the CC0 scan, so that at 1.25x the two share their colour.
 
@@ -329,7 +329,7 @@ def _check_config(root: Path, n_slides, slide_size, tumour_fraction) -> None:
     low, high = tumour_fraction
     if not 0.0 < low <= high <= 0.2:
         raise MiniKDError(f"tumour_fraction={tuple(tumour_fraction)} must be (low, high) with "
-                          "0 < low <= high <= 0.2 (share of the tissue), e.g. (0.01, 0.03)")
+                          "0 < low <= high <= 0.2 (share of the tissue), e.g. (0.03, 0.08)")
     marker = root / "cohort.json"
     foreign = (marker.is_file() and json.loads(marker.read_text()).get("generator") != GENERATOR
                or not marker.is_file() and (root / "labels.csv").is_file())
@@ -338,8 +338,8 @@ def _check_config(root: Path, n_slides, slide_size, tumour_fraction) -> None:
                           "not a real-tissue cohort's); choose an empty or new folder")
 
 
-def make_real_cohort(root, n_slides: int = 24, seed: int = 0, slide_size: int = 2560,
-                     tumour_fraction=(0.01, 0.03), data_dir=None) -> Cohort:
+def make_real_cohort(root, n_slides: int = 48, seed: int = 0, slide_size: int = 2560,
+                     tumour_fraction=(0.03, 0.08), data_dir=None) -> Cohort:
     """Build a real-tissue cohort of ``n_slides`` square slides of ``slide_size`` px in ``root``.
 
     Half the slides (rounded down) contain carcinoma islands covering U(tumour_fraction) of their
@@ -373,7 +373,7 @@ def ensure_real_cohort(root, **config) -> Cohort:
     """Load the cohort in ``root`` if it was made with ``config`` (make_real_cohort's arguments)
     and is complete, else build it."""
     root = Path(root)
-    defaults = dict(n_slides=24, seed=0, slide_size=2560, tumour_fraction=(0.01, 0.03))
+    defaults = dict(n_slides=48, seed=0, slide_size=2560, tumour_fraction=(0.03, 0.08))
     settings = {**defaults, **config}
     wanted = _config(**{key: settings[key] for key in defaults})
     marker = root / "cohort.json"

@@ -24,11 +24,19 @@ from mini_kd.experiments import ahdmil as experiment
 from mini_kd.methods import Prediction, ahdmil
 from mini_kd.phantom import load_cohort, make_cohort, render_slide
 from mini_kd.presets import GEOMETRY, PRESETS
+from mini_kd.runtime import torch_threads
 from mini_kd.slides import Slide, open_slide
 from mini_kd.tiling import cut_crops, read_from_level, same_footprint, tile_grid
 
 TINY = dict(widths=(8, 8, 8, 8), groups=4)  # a tiny_resnet_gn: 8-d embeddings, fast on a CPU
 TINY_GEOMETRY = dict(hr_mag=20.0, hr_tile=64, screen_mag=1.25)  # 4-px crops at 1.25x
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """DB-LIPN's many small convolutions crawl on two busy threads."""
+    with torch_threads(1):
+        yield
 
 
 def sigmoid(x: float) -> float:
@@ -121,12 +129,12 @@ def test_dmin_classify_pools_each_class_over_its_own_kept_tiles():
     with torch.no_grad():
         H, S = dmin.embed(X)
         z1 = H[1]  # class 1 keeps one tile: it gets all the weight
-        torch.testing.assert_close(dmin.classify(X, keep)[1], dmin.classifiers.heads[1](z1)[0])
+        torch.testing.assert_close(dmin.classify(X, keep)[1], dmin.classifiers[1](z1)[0])
         rows = keep.any(dim=1)  # attention is per tile: scoring only the kept tiles is the same
         torch.testing.assert_close(dmin.classify(X, keep), dmin.classify(X[rows], keep[rows]))
         alpha0 = torch.softmax(S[[0, 2, 4], 0], dim=0)
         torch.testing.assert_close(dmin.classify(X, keep)[0],
-                                   dmin.classifiers.heads[0](alpha0 @ H[[0, 2, 4]])[0])
+                                   dmin.classifiers[0](alpha0 @ H[[0, 2, 4]])[0])
 
 
 # -- the losses on hand-made tensors ---------------------------------------------------------------
@@ -328,6 +336,64 @@ def test_a_slide_where_db_lipn_keeps_nothing_still_trains_and_classifies():
         assert torch.isfinite(dmin.classify(batch["features"], torch.zeros(7, 2, dtype=torch.bool))).all()
 
 
+# -- ours: the screen's operating threshold when DMIN's mask is sparse -----------------------------
+def test_recall_threshold_keeps_r_of_the_masked_tiles_and_is_never_stricter_than_the_papers_zero():
+    P = torch.tensor([[-3.0, 2.0], [-1.0, 1.0], [-2.0, 0.5], [-0.5, -4.0], [-5.0, -1.0]])
+    M = torch.tensor([[1, 1], [1, 1], [0, 1], [1, 0], [0, 0]], dtype=torch.bool)
+    t = ahdmil.recall_threshold(P, M, 0.6)  # class 0: keep 2 of its 3 masked tiles (-1, -0.5)
+    assert t[0].item() == pytest.approx(-1.0) and t[0] < -1.0 and t[1] == 0.0  # class 1: 1[P > 0]
+    assert (P - t > 0).tolist() == [[False, True], [True, True], [False, True], [True, False],
+                                    [False, False]]
+    assert ahdmil.recall_threshold(P, M, 1.0)[0].item() == pytest.approx(-3.0)
+    assert ahdmil.recall_threshold(P, torch.zeros_like(M), 0.95).tolist() == [0.0, 0.0]
+
+
+class SparseTeacher(ahdmil.DMIN):
+    """DMIN whose attention logits are fixed by the features: a tumour tile (feature 0 above 1)
+    has S = (−4, 4), every other tile S = (−4, −4): the mask keeps 1 tile in 10."""
+
+    def embed(self, X):
+        tumour = X[:, 0] > 1  # (N,)
+        S = torch.stack([torch.full_like(X[:, 0], -4.0), torch.where(tumour, 4.0, -4.0)], dim=1)
+        return self.projection(X), S
+
+
+def sparse_bags(n_slides=6, n_tiles=20):
+    """Slides of label 1 have 2 tumour tiles (rows 0, 1) of 20, with red crops."""
+    g = torch.Generator().manual_seed(0)
+    bags = []
+    for i in range(n_slides):
+        features = torch.randn(n_tiles, 6, generator=g).clamp(-1, 1)
+        crops = torch.rand(n_tiles, 3, 4, 4, generator=g) * 0.2
+        tumour = torch.arange(n_tiles) < 2 * (i % 2)
+        features[tumour, 0], crops[tumour, 0] = 2.0, 1.0
+        bags.append(ahdmil.Bag(f"s{i}", features, crops, i % 2))
+    return bags
+
+
+@pytest.mark.parametrize("recall", [None, 0.95], ids=["paper", "ours"])
+def test_on_a_sparse_mask_the_papers_screen_collapses_and_the_operating_threshold_keeps_the_tumour(recall):
+    bags = sparse_bags()
+    torch.manual_seed(0)
+    dmin = SparseTeacher(6, hidden=8, attention_hidden=4, degree=3)
+    config, schedule = tiny(attn_ratio=1.0, step2_epochs=1, step2_restarts=0, screen_recall=recall)
+    model, _, _ = ahdmil.train_step2(dmin, bags[:4], bags[4:], config, schedule)
+    with torch.no_grad():
+        keep = model.screen(bags[5].crops)  # (20, 2), a tumour slide of the validation slides
+    if recall is None:  # the collapse: every P < 0, the fallback keeps one tile per class
+        assert keep.sum(dim=0).tolist() == [1, 1] and model.threshold.tolist() == [0.0, 0.0]
+    else:
+        assert keep[:2, 1].all() and model.threshold[1] < 0 and keep.any(dim=1).sum() < 20
+
+
+def test_the_threshold_is_saved_and_screens_after_loading(tiny_checkpoint, tmp_path):
+    trained = methods.load(tiny_checkpoint, "ahdmil")
+    trained.model.threshold.fill_(-50.0)  # keeps every tile
+    loaded = methods.load(trained.save(tmp_path / "thresholded.pt"), "ahdmil")
+    assert loaded.model.threshold.tolist() == [-50.0, -50.0]
+    assert loaded.model.screen(torch.rand(7, 3, 4, 4)).all()
+
+
 # -- the training steps ----------------------------------------------------------------------------
 def tiny_bags(n_slides=6, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -438,7 +504,7 @@ def test_finetune_step_is_the_cross_entropy_of_dmin_pooled_per_class_over_the_ke
         e0, e2 = S[0, 0].exp(), S[2, 0].exp()
         z0 = (e0 * H[0] + e2 * H[2]) / (e0 + e2)  # class 0: softmax over tiles 0 and 2
         z1 = H[1]                                  # class 1: its one tile gets all the weight
-        head0, head1 = dmin.classifiers.heads
+        head0, head1 = dmin.classifiers
         logit0 = head0.weight[0] @ z0 + head0.bias[0]
         logit1 = head1.weight[0] @ z1 + head1.bias[0]
         ce = -logit1 + torch.log(logit0.exp() + logit1.exp())  # −log softmax(logits)[label = 1]
@@ -481,7 +547,7 @@ def test_step1_validates_on_dmins_eval_path_its_own_mask_with_dropout_off():
     losses = []
     with torch.no_grad():
         for bag in val:
-            S = dmin.attention_logits(bag.features)  # (N, 2)
+            S = dmin.embed(bag.features)[1]  # (N, 2)
             keep = S > 0
             for c in range(2):  # a class that keeps nothing keeps its best tile
                 keep[S[:, c].argmax(), c] |= not keep[:, c].any()
@@ -523,9 +589,10 @@ def test_step2_tries_fresh_screens_then_warns_and_keeps_the_last_weights_when_no
         torch.testing.assert_close(model.lipn.state_dict()[name], value, rtol=0, atol=0)
     other, _ = ahdmil._step2_try(dmin, bags[:4], bags[4:], config, replace(schedule, seed=2))
     assert all(torch.equal(other.lipn.state_dict()[n], v) for n, v in last.lipn.state_dict().items())
-    row = experiment.gate_row(3, history, tries, bags[4:], dmin, config)
+    row = experiment.gate_row(3, "ahdmil", history, tries, bags[4:], dmin, config)
     own = experiment.score_bags(bags[4:], experiment.predict_dmin_own_mask(dmin))["keep_rate"]
-    assert row == {"split": 3, "gate": [2.0, 3.0], "tries": 3, "best_epoch": None, "gate_passed": False,
+    assert row == {"split": 3, "model": "ahdmil", "screen_recall": None, "gate": [2.0, 3.0],
+                   "tries": 3, "best_epoch": None, "gate_passed": False,
                    "val_keep_rate_last": history.rows[-1]["val_keep_rate"],
                    "dmin_own_mask_val_keep_rate": own}
 
@@ -667,7 +734,7 @@ def test_load_refuses_a_missing_file_a_foreign_one_and_another_methods(tmp_path,
     with pytest.raises(MiniKDError, match="ahdmil.*lrmil"):
         methods.load(tiny_checkpoint, "lrmil")
     saved = torch.load(tiny_checkpoint, weights_only=True)
-    del saved["state"]["lipn"]
+    del saved["state"]["model"]
     torch.save(saved, tmp_path / "damaged.pt")
     with pytest.raises(MiniKDError, match=r"damaged.pt is not .*ahdmil.*KeyError"):
         methods.load(tmp_path / "damaged.pt", "ahdmil")
@@ -677,20 +744,43 @@ def test_config_refuses_an_unknown_head_preset_or_norm():
     with pytest.raises(MiniKDError, match="head"):
         ahdmil.DMIN(6, head="mlp")
     with pytest.raises(MiniKDError, match="preset"):
-        experiment.config_for("huge")
+        presets.config("ahdmil", "huge")
     with pytest.raises(MiniKDError, match="norm"):
         ahdmil.DBLIPN(norm="layer")
     with pytest.raises(MiniKDError, match=r"\(N, 6\)"):
         ahdmil.DMIN(6)(torch.zeros(1, 4, 6))
 
 
-def test_presets_apply_their_geometry_and_schedule_on_the_papers_values():
+def test_presets_apply_their_geometry_values_and_schedule_on_the_papers_defaults():
+    paper = ahdmil.Config()
+    assert (paper.hr_tile, paper.mask_ratio, paper.attn_ratio, paper.screen_recall) == (256, 0.6, 0.4, None)
+    assert (ahdmil.Schedule().epochs, ahdmil.Schedule().lipn_lr) == (200, 1e-5)
     config, schedule = presets.config("ahdmil", "book"), presets.schedule("ahdmil", "book")
-    assert (config.hr_tile, config.screen_mag, config.mask_ratio) == (128, 1.25, 0.6)  # paper: 0.6
-    assert (ahdmil.Config().hr_tile, ahdmil.Schedule().epochs, ahdmil.Schedule().lipn_lr) == (256, 200, 1e-5)
+    assert (config.hr_tile, config.screen_mag) == (128, 1.25)
+    assert (config.mask_ratio, config.attn_ratio, config.keep_bounds) == (0.45, 1.0, (0.1, 1.0))
+    assert config.screen_recall == 0.95 and presets.config("ahdmil", "smoke").degree == 6
     assert (schedule.epochs, schedule.step2_epochs, schedule.lipn_lr) == (10, 8, 1e-3)
-    phantom = experiment.config_for("book")
-    assert (phantom.mask_ratio, phantom.attn_ratio, phantom.keep_bounds) == (0.45, 1.0, (0.1, 1.0))
+    assert presets.config("ahdmil", "book", mask_ratio=0.6).mask_ratio == 0.6  # overrides last
+
+
+class Stop(Exception):
+    pass
+
+
+def test_mini_kd_train_fits_with_the_presets_config_and_schedule_as_the_notebook_does(
+        tiny_cohort, tmp_path, monkeypatch):
+    seen = {}
+
+    def fit(cohort, split, config, schedule):
+        seen.update(config=config, schedule=schedule)
+        raise Stop
+
+    monkeypatch.setattr(ahdmil, "fit", fit)
+    with pytest.raises(Stop):
+        cli_main(["train", "ahdmil", str(tiny_cohort.root), "--preset", "book", "--out",
+                  str(tmp_path / "a.pt")])
+    assert seen["config"] == presets.config("ahdmil", "book")  # what notebook 04 runs
+    assert replace(seen["schedule"], checkpoint_dir=None) == presets.schedule("ahdmil", "book")
 
 
 # -- the benchmark's JSON --------------------------------------------------------------------------
@@ -772,8 +862,8 @@ def test_fit_runs_on_a_cohort_folder_without_label_maps(tiny_cohort, tmp_path, t
 
 
 def test_the_smoke_experiment_on_a_tiny_cohort_gives_the_json_keys(tiny_cohort, tmp_path, tiny_encoders):
-    config = experiment.config_for("smoke", encoder="tiny_resnet_gn", hidden=8, attention_hidden=4,
-                                   degree=3, k_sample=2, **TINY_GEOMETRY)
+    config = presets.config("ahdmil", "smoke", encoder="tiny_resnet_gn", hidden=8, attention_hidden=4,
+                            degree=3, k_sample=2, **TINY_GEOMETRY)
     measured = experiment.run_experiment("smoke", tiny_cohort, config,
                                          checkpoint_path=tmp_path / "ahdmil.pt")
     assert isinstance(measured, Experiment) and len(measured.splits) == 2
@@ -782,7 +872,10 @@ def test_the_smoke_experiment_on_a_tiny_cohort_gives_the_json_keys(tiny_cohort, 
         assert set(JSON_KEYS) <= set(out[model]), model
     assert set(experiment.MODELS) <= set(out) and "tumour_recall" in out["ahdmil"]
     assert {"speedup", "auc_at_least_dmin_all", "tumour_recall_at_least_95pct"} <= set(out["targets"])
-    assert [row["split"] for row in out["step2_gate_by_split"]] == [0, 1]
+    assert [(row["split"], row["model"], row["screen_recall"]) for row in out["step2_gate_by_split"]] == [
+        (0, "ahdmil", 0.95), (0, "ahdmil_paper_screen", None), (1, "ahdmil", 0.95),
+        (1, "ahdmil_paper_screen", None)]
+    assert {"keep_rate", "tumour_recall", "auc"} <= set(out["ahdmil_paper_screen"])
     assert isinstance(methods.load(measured.checkpoint, "ahdmil"), ahdmil.Trained)
     kept = measured.models["kept"]
     assert len(kept["ahdmil"]) == len(kept["dmin_own_mask"]) == len(kept["grid"])

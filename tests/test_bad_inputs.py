@@ -379,10 +379,10 @@ def lrmil_checkpoint(tmp_path_factory):
 
     torch.manual_seed(0)
     tiny = dict(widths=(8, 8, 8, 8), groups=4)
-    config = lrmil.LRMILConfig(hr_tile=32, lr_tile=32, encoder="tiny_resnet_gn", hidden=8)
-    return lrmil.save_checkpoint(tmp_path_factory.mktemp("lrmil") / "tiny.pt",
-                                 build_encoder("tiny_resnet_gn", pretrained=False, **tiny),
-                                 lrmil.StudentABMIL(8, 2, hidden=8), config, encoder_kwargs=tiny)
+    config = lrmil.Config(hr_tile=32, lr_tile=32, encoder="tiny_resnet_gn", hidden=8)
+    trained = lrmil.Trained(config, build_encoder("tiny_resnet_gn", pretrained=False, **tiny),
+                            lrmil.StudentABMIL(8, 2, hidden=8), tiny)
+    return trained.save(tmp_path_factory.mktemp("lrmil") / "tiny.pt")
 
 
 @pytest.fixture

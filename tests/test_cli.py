@@ -76,21 +76,32 @@ def test_extract_reports_a_damaged_slide_in_one_line_and_keeps_the_others(cohort
     assert main(["extract", str(tmp_path / "nowhere"), *EXTRACT, "--out", str(out)]) == 2
 
 
-@pytest.fixture(scope="module")
-def cohorts(tmp_path_factory):
+def cohort_pair(root: Path, slide_size: int) -> dict:
     """Eight phantom slides (train, val and test each hold both classes), and a copy of the same
     folder without its tumour masks, as a user's own cohort would come."""
-    root = tmp_path_factory.mktemp("train")
-    with_masks = make_cohort(root / "masks", n_slides=8, slide_size=768).root
+    with_masks = make_cohort(root / "masks", n_slides=8, slide_size=slide_size).root
     without = shutil.copytree(with_masks, root / "no_masks", ignore=shutil.ignore_patterns("masks"))
     return {"with masks": with_masks, "without masks": without}
 
 
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory):
+    return cohort_pair(tmp_path_factory.mktemp("train"), slide_size=768)
+
+
+@pytest.fixture(scope="module")
+def lrmil_cohorts(tmp_path_factory):
+    """Slides large enough for LRMIL's 5x tiles: at the smoke preset a 128-px tile at 5x covers
+    512 px at 20x, so a 768-px slide holds one at most."""
+    return cohort_pair(tmp_path_factory.mktemp("train_lrmil"), slide_size=1536)
+
+
 @pytest.mark.parametrize("kind", ["with masks", "without masks"])
-@pytest.mark.parametrize("method", ["reskd", "ahdmil"])
-def test_train_evaluate_predict_a_cohort_at_the_smoke_preset(method, kind, cohorts, tmp_path,
-                                                             capsys, monkeypatch):
+@pytest.mark.parametrize("method", ["reskd", "lrmil", "ahdmil"])
+def test_train_evaluate_predict_a_cohort_at_the_smoke_preset(method, kind, tmp_path, capsys,
+                                                             monkeypatch, request):
     monkeypatch.setenv("MINI_KD_DATA", str(tmp_path / "data"))
+    cohorts = request.getfixturevalue("lrmil_cohorts" if method == "lrmil" else "cohorts")
     cohort, checkpoint = cohorts[kind], tmp_path / f"{method}.pt"
     assert main(["train", method, str(cohort), "--preset", "smoke", "--out", str(checkpoint)]) == 0
     assert checkpoint.is_file() and not (tmp_path / f"{method}.pt.parts").exists()

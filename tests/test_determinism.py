@@ -12,6 +12,7 @@ import mini_kd.presets
 from mini_kd.encoders import build_encoder
 from mini_kd.experiments import time_pipelines
 from mini_kd.experiments import ahdmil as ahdmil_experiment
+from mini_kd.experiments import lrmil as lrmil_experiment
 from mini_kd.methods import Prediction, ahdmil, lrmil
 from mini_kd.runtime import torch_threads
 from mini_kd.phantom import make_cohort
@@ -77,22 +78,23 @@ def fresh_cohort(folder, tmp_path):
 def lrmil_run(cohort, monkeypatch):
     """LRMIL's smoke experiment on ``cohort``: every test probability, and the saved student."""
     probabilities = []
-    real = lrmil._probabilities
+    real = lrmil_experiment.bag_probabilities
 
-    def recording(model, items):
-        probs = real(model, items)
+    def recording(model, bags):
+        probs = real(model, bags)
         probabilities.append(probs)
         return probs
 
-    config = lrmil.LRMILConfig(hr_tile=32, lr_tile=32, encoder="tiny_resnet_gn", hidden=8,
-                               mil_epochs=3, patience=None, kd_layers=("layer1", "layer2"),
-                               stage1_tiles=6, stage1_epochs=1, stage1_batch=3)
+    config = lrmil.Config(hr_tile=32, lr_tile=32, encoder="tiny_resnet_gn", hidden=8,
+                          kd_layers=("layer1", "layer2"))
+    schedule = lrmil.Schedule(mil_epochs=3, patience=None, stage1_tiles=6, stage1_epochs=1,
+                              stage1_batch=3)
     with monkeypatch.context() as patch:
-        patch.setattr(mini_kd.presets, "cohort", lambda preset: cohort)
-        patch.setattr(lrmil, "build_encoder", lambda name: tiny_encoder())
-        patch.setattr(lrmil, "_probabilities", recording)
+        patch.setattr(lrmil_experiment, "build_encoder", lambda name: tiny_encoder())
+        patch.setattr(lrmil_experiment, "bag_probabilities", recording)
         with torch_threads(1):  # small networks: one thread is faster than two
-            experiment = lrmil.run_experiment("smoke", config, timing=False)
+            experiment = lrmil_experiment.run_experiment("smoke", cohort, config, schedule,
+                                                         timing=False)
     return np.concatenate(probabilities), torch.load(experiment.checkpoint, weights_only=True)
 
 
@@ -100,8 +102,7 @@ def test_lrmils_smoke_experiment_gives_bit_identical_predictions_twice(tiny_coho
                                                                       monkeypatch):
     first, saved = lrmil_run(fresh_cohort(tiny_cohort_folder, tmp_path / "a"), monkeypatch)
     again, saved_again = lrmil_run(fresh_cohort(tiny_cohort_folder, tmp_path / "b"), monkeypatch)
-    assert len(first) == 2 * (6 * 2 + 3 * 2)  # per split: 6 models x 2 test slides, and
-    # torchmil's ABMIL validates on 2 slides in each of its 3 epochs
+    assert len(first) == 2 * 6 * 2  # per split: 6 models x 2 test slides
     np.testing.assert_array_equal(first, again)
     saved, saved_again = saved["state"], saved_again["state"]  # methods.Trained.save's layout
     for part, states in (("encoder", lambda s: s["encoder"]), ("student", lambda s: s["student"]["state_dict"])):
@@ -121,8 +122,8 @@ def ahdmil_run(cohort, monkeypatch):
             return p, kept
         return real(bags, predict_and_record, tumour)
 
-    config = ahdmil_experiment.config_for("smoke", encoder="tiny_resnet_gn", hidden=8,
-                                          attention_hidden=4, degree=3, k_sample=2)
+    config = mini_kd.presets.config("ahdmil", "smoke", encoder="tiny_resnet_gn", hidden=8,
+                                    attention_hidden=4, degree=3, k_sample=2)
     with monkeypatch.context() as patch:
         patch.setattr(ahdmil, "build_encoder", lambda name, **kwargs: tiny_encoder())
         patch.setattr(ahdmil_experiment, "score_bags", recording)
@@ -135,8 +136,9 @@ def test_ahdmils_smoke_experiment_gives_bit_identical_predictions_twice(tiny_coh
                                                                        tmp_path, monkeypatch):
     first = ahdmil_run(fresh_cohort(tiny_cohort_folder, tmp_path / "a"), monkeypatch)
     again = ahdmil_run(fresh_cohort(tiny_cohort_folder, tmp_path / "b"), monkeypatch)
-    # per split: 6 models x 2 test slides, and DMIN's own mask on 2 validation slides (the gate row)
-    assert len(first) == len(again) == 2 * (6 * 2 + 2)
+    # per split: 7 models x 2 test slides, and DMIN's own mask on 2 validation slides (the gate
+    # rows of both screen rules)
+    assert len(first) == len(again) == 2 * (7 * 2 + 2 * 2)
     for (p, kept), (p_again, kept_again) in zip(first, again):
         np.testing.assert_array_equal(p, p_again)
         assert (kept is None and kept_again is None) or np.array_equal(kept, kept_again)

@@ -341,6 +341,7 @@ def _recording(encoder):
 def test_a_cached_feature_equals_the_predictors_feature_of_the_same_tile(tmp_path, method):
     """Both run on the default device (CUDA when there is one) with the method's own settings."""
     from mini_kd.methods import ahdmil, lrmil
+    from mini_kd.mil import abmil_predictor
     from mini_kd.phantom import render_slide
 
     path = tmp_path / "slide.svs"
@@ -349,7 +350,7 @@ def test_a_cached_feature_equals_the_predictors_feature_of_the_same_tile(tmp_pat
     torch.manual_seed(0)
     encoder = _recording(tiny_resnet_gn(widths=(8, 8, 8, 8), groups=4).eval())
     if method == "lrmil":  # 5x tiles, the LR student on top
-        predictor = lrmil.abmil_predictor(encoder, lrmil.StudentABMIL(8, 2, hidden=8), 5.0, 16)
+        predictor = abmil_predictor(encoder, lrmil.StudentABMIL(8, 2, hidden=8), 5.0, 16)
     else:  # every 20x tissue tile (no screen), DMIN on top
         model = ahdmil.AHDMIL(ahdmil.DMIN(8, hidden=8, attention_hidden=4, degree=3),
                               ahdmil.DBLIPN(2, crop_size=4))

@@ -1,16 +1,32 @@
-"""Attention MIL on hand-made bags: masked softmax, ABMIL, the instance loss, bags of features."""
+"""Attention MIL on hand-made bags: masked softmax, ABMIL, the instance loss, bags of features and
+the one way every ABMIL of the package trains."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from mini_kd import MiniKDError
-from mini_kd.data import BagDataset, pad_bags
-from mini_kd.mil import (ABMIL, AttentionPool, InstanceClassifier, attention_pool,
-                         masked_log_softmax, masked_softmax, topk_instance_loss)
+from mini_kd import MiniKDError, mil
+from mini_kd.evaluate import classification_metrics
+from mini_kd.mil import (
+    ABMIL,
+    AttentionPool,
+    Bags,
+    InstanceClassifier,
+    attention_pool,
+    bag_ce_loss,
+    bag_probabilities,
+    bag_validation,
+    feature_scale,
+    make_bags,
+    masked_log_softmax,
+    masked_softmax,
+    Standardised,
+    topk_instance_loss,
+    train_abmil,
+)
+from mini_kd.train import FitConfig
 
 
 def features(*shape, seed=0):
@@ -113,9 +129,9 @@ def test_abmil_output_shapes_and_loss():
     out = net(X)
     assert out.logits.shape == (4, 2) and out.bag.shape == (4, 8)
     assert out.attention_logits.shape == (4, 6)
-    loss, logs = net.compute_loss(Y, X)
+    loss, logs = bag_ce_loss(net, {"X": X, "y": Y})
     torch.testing.assert_close(loss, F.cross_entropy(out.logits, Y))
-    assert set(logs) == {"ce"} and not logs["ce"].requires_grad
+    assert logs == {"ce": pytest.approx(loss.item())}
     loss.backward()
     assert all(p.grad is not None for p in net.parameters())
 
@@ -196,33 +212,139 @@ def test_topk_instance_loss_refuses_mismatched_shapes():
         topk_instance_loss(torch.zeros(4, 2), torch.zeros(5), k=1)
 
 
-# -- bags of features ------------------------------------------------------------------------------
-def bag_dataset():
-    bags = {"s1": features(3, 8), "s2": features(5, 8, seed=1), "s3": features(1, 8, seed=2)}
-    return BagDataset(bags, {"s1": 0, "s2": 1, "s3": 1}, ["s1", "s2", "s3"])
+# -- bags of features, and training ----------------------------------------------------------------
+def test_make_bags_gives_one_batch_of_one_bag_per_slide_with_its_extras():
+    feats = {"s1": features(3, 8), "s2": features(5, 8, seed=1)}
+    guide = {"s1": torch.arange(3.0), "s2": torch.arange(5.0)}
+    bags = make_bags(feats, {"s1": 0, "s2": 1}, ["s2", "s1"], guide=guide)
+    assert [bag["id"] for bag in bags] == ["s2", "s1"]
+    assert bags[0]["X"].shape == (1, 5, 8) and bags[0]["y"].tolist() == [1]
+    torch.testing.assert_close(bags[1]["guide"], torch.arange(3.0).unsqueeze(0))
+    with pytest.raises(MiniKDError, match="no tile features"):
+        make_bags({"s": torch.zeros(0, 8)}, {"s": 1}, ["s"])
 
 
-def test_bag_dataset_items_are_features_label_and_id():
-    X, y, slide_id = bag_dataset()[1]
-    assert X.shape == (5, 8) and X.dtype == torch.float32 and y == 1 and slide_id == "s2"
+def test_bags_yield_only_tensors_in_a_seeded_order_that_changes_every_epoch():
+    bags = make_bags({f"s{i}": features(2, 8, seed=i) for i in range(6)},
+                     {f"s{i}": i % 2 for i in range(6)}, [f"s{i}" for i in range(6)])
+    order = lambda loader: [int(b["X"][0, 0, 0] * 1e4) for b in loader]
+    first, again = Bags(bags, seed=3), Bags(bags, seed=3)
+    epoch1, epoch2 = order(first), order(first)
+    assert epoch1 == order(again) and epoch1 != epoch2 and sorted(epoch1) == sorted(epoch2)
+    assert all(set(b) == {"X", "y"} for b in first)  # the slide id stays behind
 
 
-def test_pad_bags_pads_to_the_largest_bag_with_a_mask():
-    X, mask, y, ids = next(iter(DataLoader(bag_dataset(), batch_size=3, collate_fn=pad_bags)))
-    assert X.shape == (3, 5, 8) and mask.dtype == torch.bool
-    assert mask.sum(dim=1).tolist() == [3, 5, 1] and (X[~mask] == 0).all()
-    assert y.tolist() == [0, 1, 1] and ids == ["s1", "s2", "s3"]
-    assert model()(X, mask).logits.shape == (3, 2)
+def toy_bags(n=12, seed=0):
+    """Bags of 6 tiles; a class-1 bag holds two tiles whose feature 0 is shifted by 3."""
+    g = torch.Generator().manual_seed(seed)
+    feats, labels = {}, {}
+    for i in range(n):
+        X = torch.randn(6, 8, generator=g)
+        X[:2, 0] += 3.0 * (i % 2)
+        feats[f"s{i}"], labels[f"s{i}"] = X, i % 2
+    ids = list(feats)
+    return make_bags(feats, labels, ids[:8]), make_bags(feats, labels, ids[8:])
 
 
-def test_bag_dataset_refuses_slides_without_features_or_labels():
-    with pytest.raises(MiniKDError, match="no features or no label"):
-        BagDataset({"s1": features(3, 8)}, {"s1": 0, "s2": 1}, ["s1", "s2"])
+def test_bag_validation_scores_the_whole_set_and_reads_a_one_logit_model_too():
+    _, val = toy_bags()
+    net = model()
+    probs = bag_probabilities(net, val)
+    expected = [torch.softmax(net(bag["X"]).logits, -1)[0, 1].item() for bag in val]
+    assert probs.tolist() == pytest.approx(expected)
+    scores = bag_validation(val)(net)
+    y = [int(bag["y"]) for bag in val]
+    assert scores["loss"] == pytest.approx(-sum(math.log(p if t else 1 - p) for p, t in zip(probs, y)) / 4)
+    one_logit = torch.nn.Sequential(torch.nn.Flatten(0), torch.nn.Linear(6 * 8, 1))  # X -> (1,)
+    p = bag_probabilities(one_logit, val[:1])
+    assert p[0] == pytest.approx(torch.sigmoid(one_logit(val[0]["X"]))[0].item())
 
 
-def test_pad_bags_refuses_bags_from_different_encoders():
-    with pytest.raises(MiniKDError, match="same encoder"):
-        pad_bags([(features(3, 8), 0, "a"), (features(3, 4), 1, "b")])
+def scaled_bags(n=40, seed=0):
+    """Bags of 30 tiles whose 8 features span scales 1e-3 .. 10 around 1; a class-1 bag holds
+    three tiles whose feature 0 -- the one of scale 1e-3 -- is shifted by 5 of its units.
+    (train, val, test) = 24, 8 and 8 bags."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-3, 1, 8)
+    feats, labels = {}, {}
+    for i in range(n):
+        X = torch.randn(30, 8, generator=g)
+        X[:3, 0] += 5.0 * (i % 2)
+        feats[f"s{i}"], labels[f"s{i}"] = X * scale + 1.0, i % 2
+    ids = list(feats)
+    return [make_bags(feats, labels, ids[a:b]) for a, b in ((0, 24), (24, 32), (32, 40))]
+
+
+def test_train_abmil_learns_keeps_the_best_validation_epoch_and_repeats_with_its_seed():
+    train, val, _ = scaled_bags()
+    config = FitConfig(epochs=20, lr=1e-2, seed=0, progress=False)
+    net, history = train_abmil(train, val, config, hidden=16)
+    again, _ = train_abmil(train, val, config, hidden=16)
+    assert not net.training and history.best_score == min(history.column("val_loss"))
+    assert history.column("val_loss")[-1] < history.column("val_loss")[0]
+    assert history.rows[history.best_epoch - 1]["val_auc"] == 1.0
+    assert bag_validation(val)(net)["loss"] == pytest.approx(history.best_score)  # val, not train
+    for a, b in zip(net.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_train_abmil_builds_the_abmil_asked_for_or_trains_the_model_given():
+    train, val = toy_bags()
+    config = FitConfig(epochs=1, seed=0, progress=False)
+    gated, _ = train_abmil(train, val, config, hidden=4, gated=True, dropout=0.25)
+    assert gated.attention.U.out_features == 4 and gated.attention.dropout.p == 0.25
+    given = model()
+    calls = []
+
+    def loss(m, bag):
+        calls.append(bag["X"].shape)
+        return bag_ce_loss(m, bag)
+
+    trained, history = train_abmil(train, val, config, given, loss)
+    assert trained is given and len(calls) == len(train) and len(history.rows) == 1
+
+
+def test_train_abmil_standardises_each_feature_with_the_training_tiles():
+    train, val, _ = scaled_bags()
+    net, _ = train_abmil(train, val, FitConfig(epochs=1, seed=0, progress=False), hidden=16)
+    tiles = torch.cat([bag["X"][0] for bag in train])  # (720, 8)
+    torch.testing.assert_close(net.mu, tiles.mean(0))
+    torch.testing.assert_close(net.sigma, tiles.std(0))
+    plain = ABMIL(8, 2, hidden=16).eval()
+    plain.load_state_dict({**net.state_dict(), "mu": torch.zeros(8), "sigma": torch.ones(8)})
+    X = val[0]["X"]
+    torch.testing.assert_close(net(X).logits, plain((X - tiles.mean(0)) / tiles.std(0)).logits)
+    assert set(ABMIL(8).state_dict()) >= {"mu", "sigma"}  # saved with the model's checkpoint
+
+
+def test_a_model_without_our_buffers_is_trained_behind_the_same_standardisation():
+    from torchmil.models import ABMIL as TorchmilABMIL
+
+    train, val, _ = scaled_bags()
+    theirs = TorchmilABMIL(in_shape=(8,), att_dim=16)
+
+    def bce(m, bag):
+        loss = F.binary_cross_entropy_with_logits(m(bag["X"]), bag["y"].float())
+        return loss, {"bce": loss.item()}
+
+    trained, _ = train_abmil(train, val, FitConfig(epochs=1, seed=0, progress=False), theirs, bce)
+    mu, sigma = feature_scale(train)
+    assert isinstance(trained, Standardised) and trained.model is theirs
+    X = val[0]["X"]
+    torch.testing.assert_close(trained(X), theirs((X - mu) / sigma))
+
+
+def test_a_signal_in_a_small_scale_feature_is_learned_only_when_standardised(monkeypatch):
+    """The real-tissue failure in miniature: the feature that tells the classes apart is 1e4
+    times smaller than the largest; the raw features leave ABMIL at chance."""
+    train, val, test = scaled_bags()
+    config = FitConfig(epochs=20, lr=1e-2, weight_decay=1e-4, seed=0, progress=False)
+    y = [int(bag["y"]) for bag in test]
+    net, _ = train_abmil(train, val, config, hidden=16)
+    assert classification_metrics(y, bag_probabilities(net, test))["auc"] == 1.0
+    monkeypatch.setattr(mil, "feature_scale", lambda bags: (torch.zeros(8), torch.ones(8)))
+    raw, _ = train_abmil(train, val, config, hidden=16)
+    assert classification_metrics(y, bag_probabilities(raw, test))["auc"] <= 0.6
 
 
 # -- ABMIL trains like torchmil's, not only computes like it (the regression of issue 11) --------

@@ -65,22 +65,11 @@ def time_pipelines(slide_paths: dict, predictors: dict, seed: int = 0) -> list[d
     for slide_id, path in progress(slide_paths.items(), desc="timing"):
         for position, index in enumerate(rng.permutation(len(names)).tolist()):
             prediction = predictors[names[index]](path)
-            if isinstance(prediction, dict):  # transitional: predictors still returning dicts
-                prediction = _as_prediction(prediction)
             rows.append({"model": names[index], "slide_id": slide_id, "position": position,
                          "tiles_read": sum(prediction.tiles_read.values()),
                          "pixels_decoded": prediction.pixels_decoded, **prediction.seconds,
                          "total": prediction.total_seconds})
     return rows
-
-
-def _as_prediction(result: dict):
-    from mini_kd.methods import Prediction
-
-    tiles = result.get("tiles_read", 0)
-    return Prediction(result.get("slide_id", ""), result.get("label", 0),
-                      result.get("probability", 0.0),
-                      tiles if isinstance(tiles, dict) else {0.0: tiles}, 0, result["seconds"])
 
 
 @dataclass

@@ -9,20 +9,24 @@ selected on *its* validation slides and is scored on its test slides from the ca
 - ``dmin_all`` / ``dmin_own_mask``: DMIN after step 1, pooling over every tile (its teacher path)
   or over its own mask 1[S > 0] (which needs every tile's features: a selection, not a saving);
 - ``ahdmil``: DB-LIPN screens at 1.25x, the fine-tuned DMIN pools over the kept tiles;
+- ``ahdmil_paper_screen``: the same from step 1's DMIN, with the paper's rule 1[P > 0] instead of
+  the operating threshold (ours, ``screen_recall``) when the config uses it;
 - ``dmin_all_linear`` / ``dmin_own_mask_linear``: step 1 with linear heads instead of CKA.
 
 A model that keeps a subset also reports its mean ``keep_rate`` and, where the cohort has label
 maps, ``tumour_recall``: the fraction of the tiles that are mostly tumour that it keeps. Each split
-gets a row on step 2's keep-rate gate (:func:`gate_row`). On split 0 the AHDMIL checkpoint is
-saved, DMIN on every tile and AHDMIL are timed end to end from the slide files
+gets a row on step 2's keep-rate gate per screen rule (:func:`gate_row`). On split 0 the AHDMIL
+checkpoint is saved, DMIN on every tile and AHDMIL are timed end to end from the slide files
 (:func:`mini_kd.experiments.time_pipelines`, order shuffled per slide), and one tumour slide's
 kept tiles are kept for a figure (``models["kept"]``). The targets: AHDMIL at least 2x faster than
 DMIN on every tile, with an AUC at least DMIN's, keeping at least 95 % of the tumour tiles.
 
-The phantom's own values of the method (:data:`PHANTOM`) and the experiment's budget per preset
-(:data:`BUDGET`) are here; the training schedules are :data:`mini_kd.presets.SCHEDULES`. Torch
-runs on one thread on the CPU (:func:`mini_kd.runtime.torch_threads`): one slide per step means
-many small operations, and DB-LIPN's step ran 20 times slower on two busy threads.
+The method's config and schedule are the preset's (:func:`mini_kd.presets.config`,
+:func:`~mini_kd.presets.schedule`), the same as ``mini-kd train ahdmil --preset P`` trains with,
+on whatever cohort the experiment runs; the experiment's own budget per preset is
+:data:`BUDGET`. Torch runs on one thread on the CPU (:func:`mini_kd.runtime.torch_threads`): one
+slide per step means many small operations, and DB-LIPN's step ran 20 times slower on two busy
+threads.
 """
 
 from __future__ import annotations
@@ -33,9 +37,8 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from mini_kd import presets
+from mini_kd import mil, presets
 from mini_kd.evaluate import classification_metrics
 from mini_kd.experiments import Experiment, splits, time_pipelines
 from mini_kd.features import cohort_grids
@@ -43,21 +46,8 @@ from mini_kd.methods import ahdmil
 from mini_kd.mil import ABMIL
 from mini_kd.phantom import TUMOUR
 from mini_kd.progress import progress
-from mini_kd.runtime import seed_everything, torch_threads
-from mini_kd.train import FitConfig, fit
-
-# The method's values on the phantom, where the tiles that matter (tumour and its look-alike
-# mimics) are about 14 % of the tissue tiles; the paper sets mask_ratio, attn_ratio and the gate
-# per dataset. Chosen while developing on split 0 of the book preset (chapter "AHDMIL", Limits):
-# - mask_ratio 0.45: at 0.6 DMIN's normal-class attention fills the quota with near-zero logits
-#   (a coin flip per tile) that no 1.25x screen can predict, and DB-LIPN keeps all tiles or none;
-# - attn_ratio 1 (soft mode only): the hard mode's L1 between binarised outputs gives no margin
-#   and DB-LIPN collapsed to the fallback (one tile per class) in every run on the phantom;
-# - keep_bounds (0.1, 1): the screen keeps ~15 % of the tiles, below the paper's 0.3;
-# - k_sample 8: a phantom slide has tens of tissue tiles, not thousands.
-# (DB-LIPN's learning rate, 1e-3 instead of 1e-5, is in the presets' schedules.)
-PHANTOM = dict(mask_ratio=0.45, attn_ratio=1.0, keep_bounds=(0.1, 1.0), k_sample=8)
-SMOKE = dict(degree=6)  # the smoke preset's smaller CKA heads
+from mini_kd.runtime import torch_threads
+from mini_kd.train import FitConfig
 
 # What the experiment spends per preset besides the method's schedule: repeated splits, test
 # slides of split 0 timed from the slide files, and the ABMIL baseline's epochs.
@@ -73,26 +63,21 @@ MODELS = {  # name -> what it is, in the order of the comparison table
     "dmin_all": "DMIN after SD, teacher path: every 20x tile",
     "dmin_own_mask": "DMIN after SD, its own mask 1[S > 0] (needs every tile's features)",
     "ahdmil": "AHDMIL: DB-LIPN screens at 1.25x, fine-tuned DMIN on the kept 20x tiles",
+    "ahdmil_paper_screen": "AHDMIL with the paper's screen rule 1[P > 0] (no operating threshold)",
     "dmin_all_linear": "ablation: DMIN with linear heads, every 20x tile",
     "dmin_own_mask_linear": "ablation: DMIN with linear heads, its own mask",
 }
-
-
-def config_for(preset: str, **overrides) -> ahdmil.Config:
-    """The experiment's config: the preset's geometry, the phantom's values, then ``overrides``."""
-    return presets.config("ahdmil", preset, **{**PHANTOM, **(SMOKE if preset == "smoke" else {}),
-                                               **overrides})
 
 
 def run_experiment(preset: str = "book", cohort=None, config: ahdmil.Config | None = None,
                    schedule: ahdmil.Schedule | None = None, timing: bool = True,
                    checkpoint_path=None) -> Experiment:
     """Every model of the comparison on ``cohort`` (default :func:`mini_kd.presets.cohort`) over
-    the preset's repeated splits; see the module docstring. ``config`` defaults to
-    :func:`config_for`, ``schedule`` to the preset's; ``timing=False`` skips the slide files."""
+    the preset's repeated splits; see the module docstring. ``config`` and ``schedule`` default to
+    the preset's; ``timing=False`` skips the slide files."""
     start = time.perf_counter()
     cohort = cohort or presets.cohort(preset)
-    config = config or config_for(preset)
+    config = config or presets.config("ahdmil", preset)
     schedule = schedule or presets.schedule("ahdmil", preset)
     budget = BUDGET[preset]
     with torch_threads(1, schedule.device):
@@ -106,24 +91,32 @@ def run_experiment(preset: str = "book", cohort=None, config: ahdmil.Config | No
         for r, split in enumerate(progress(drawn, desc="splits")):
             train, val, test = ([bags[s] for s in split[part]] for part in ("train", "val", "test"))
             abmil, _ = train_abmil(train, val, config, schedule, budget["abmil_epochs"])
-            trained = ahdmil.fit_bags(train, val, config, schedule, encoder)
-            dmin, step2, tries = trained.step1_dmin, trained.history["step2"], trained.history["tries"]
+            dmin, step1 = ahdmil.train_step1(train, val, config, schedule)
+            screens = {"ahdmil": config} if config.screen_recall is None else {
+                "ahdmil": config, "ahdmil_paper_screen": replace(config, screen_recall=None)}
+            steps2 = {name: ahdmil.train_step2(dmin, train, val, rule, schedule)
+                      for name, rule in screens.items()}
+            model, step2, tries = steps2["ahdmil"]
+            trained = ahdmil.Trained(config, model, encoder,
+                                     history={"step1": step1, "step2": step2, "tries": tries})
             linear, _ = ahdmil.train_step1(train, val, replace(config, head="linear"), schedule)
             predictors = {"abmil": predict_abmil(abmil), "dmin_all": predict_dmin_all(dmin),
                           "dmin_own_mask": predict_dmin_own_mask(dmin, config.min_keep),
-                          "ahdmil": predict_ahdmil(trained.model),
+                          **{name: predict_ahdmil(step[0]) for name, step in steps2.items()},
                           "dmin_all_linear": predict_dmin_all(linear),
                           "dmin_own_mask_linear": predict_dmin_own_mask(linear, config.min_keep)}
             for name, predict in predictors.items():
                 experiment.runs.append({"split": r, "model": name,
                                         **score_bags(test, predict, tumour)})
-            gates.append(gate_row(r, step2, tries, val, dmin, config))
+            gates += [gate_row(r, name, *steps2[name][1:], val, dmin, rule)
+                      for name, rule in screens.items()]
             if r == 0:
-                experiment.extras["history"] = {"step1": trained.history["step1"].rows,
-                                                "step2": step2.rows, "step2_best_epoch": step2.best_epoch}
+                experiment.extras["history"] = {"step1": step1.rows, "step2": step2.rows,
+                                                "step2_best_epoch": step2.best_epoch}
                 experiment.checkpoint = trained.save(
                     checkpoint_path or cohort.root / "ahdmil" / f"ahdmil-{preset}.pt")
-                slide_files = {"dmin_all": every_tile(trained).predictor(schedule.device, screen=False),
+                slide_files = {"dmin_all": every_tile(trained, dmin).predictor(schedule.device,
+                                                                                screen=False),
                                "ahdmil": trained.predictor(schedule.device)}
                 if timing:
                     timed = split["test"][:budget["timing_slides"]]
@@ -139,10 +132,10 @@ def run_experiment(preset: str = "book", cohort=None, config: ahdmil.Config | No
     return experiment
 
 
-def every_tile(trained: ahdmil.Trained) -> ahdmil.Trained:
-    """The baseline "DMIN on every tile" as a trained method: the step-1 DMIN (its predictor with
-    ``screen=False`` reads and encodes every tissue tile)."""
-    model = ahdmil.AHDMIL(trained.step1_dmin, trained.model.lipn, trained.config.min_keep)
+def every_tile(trained: ahdmil.Trained, dmin: ahdmil.DMIN) -> ahdmil.Trained:
+    """The baseline "DMIN on every tile" as a trained method: the step-1 ``dmin`` (its predictor
+    with ``screen=False`` reads and encodes every tissue tile)."""
+    model = ahdmil.AHDMIL(dmin, trained.model.lipn, trained.config.min_keep)
     return ahdmil.Trained(trained.config, model, trained.encoder, trained.encoder_kwargs)
 
 
@@ -158,20 +151,17 @@ def tumour_tiles(cohort, config: ahdmil.Config) -> dict | None:
 # -- the baseline: ABMIL on all tiles ---------------------------------------------------------------
 def train_abmil(train: list, val: list, config: ahdmil.Config, schedule: ahdmil.Schedule,
                 epochs: int):
-    """Gated ABMIL (Ilse et al. 2018) with CE on every tile's features; lowest validation CE."""
-    seed_everything(schedule.seed)
-    abmil = ABMIL(train[0].features.shape[1], config.n_classes, ABMIL_HIDDEN, gated=True,
-                  dropout=config.dropout)
-
-    def step(model, batch):
-        return F.cross_entropy(model(batch["features"].unsqueeze(0)).logits, batch["label"].reshape(1))
-
+    """Gated ABMIL (Ilse et al. 2018) on every tile's features, trained by the one ABMIL trainer
+    (:func:`mini_kd.mil.train_abmil`: CE, the epoch with the lowest validation CE)."""
+    features = {bag.slide_id: bag.features for bag in train + val}
+    labels = {bag.slide_id: bag.label for bag in train + val}
     fit_config = FitConfig(epochs=epochs, lr=ABMIL_LR, weight_decay=schedule.weight_decay,
                            patience=schedule.patience, seed=schedule.seed, device=schedule.device)
-    history = fit(abmil, step, ahdmil.slide_loader(train, schedule.seed), fit_config,
-                  val_step=lambda model, batch: {"loss": float(step(model, batch))},
-                  val_data=[bag.item() for bag in val])
-    return abmil.cpu().eval(), history
+    abmil, history = mil.train_abmil(
+        *(mil.make_bags(features, labels, [bag.slide_id for bag in part]) for part in (train, val)),
+        fit_config, hidden=ABMIL_HIDDEN, gated=True, dropout=config.dropout,
+        n_classes=config.n_classes)
+    return abmil.cpu(), history
 
 
 # -- scoring on cached features ---------------------------------------------------------------------
@@ -225,13 +215,15 @@ def predict_ahdmil(model: ahdmil.AHDMIL):
 
 
 # -- step 2's gate, the figure's slide and the targets ----------------------------------------------
-def gate_row(split: int, step2, tries: int, val: list, dmin: ahdmil.DMIN,
+def gate_row(split: int, model: str, step2, tries: int, val: list, dmin: ahdmil.DMIN,
              config: ahdmil.Config) -> dict:
-    """Did step 2 pass its keep-rate gate on this split? The epoch kept (None: none passed and the
-    last weights are scored), the screen's last validation keep rate, and the keep rate of DMIN's
-    own mask on the same validation slides (what the screen imitates)."""
+    """Did step 2 of ``model`` (its screen rule: ``config.screen_recall``) pass its keep-rate gate
+    on this split? The epoch kept (None: none passed and the last weights are scored), the
+    screen's last validation keep rate, and the keep rate of DMIN's own mask on the same
+    validation slides (what the screen imitates)."""
     own = score_bags(val, predict_dmin_own_mask(dmin, config.min_keep))["keep_rate"]
-    return {"split": split, "gate": list(config.keep_bounds), "tries": tries,
+    return {"split": split, "model": model, "screen_recall": config.screen_recall,
+            "gate": list(config.keep_bounds), "tries": tries,
             "best_epoch": step2.best_epoch, "gate_passed": step2.best_epoch is not None,
             "val_keep_rate_last": step2.rows[-1]["val_keep_rate"], "dmin_own_mask_val_keep_rate": own}
 

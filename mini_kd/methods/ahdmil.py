@@ -2,10 +2,9 @@ r"""AHDMIL: read at 20x only the tiles that a 1.25x screen says matter (Dong et 
 "Asymmetric Hierarchical Distillation Multi-Instance Learning for Fast and Accurate Whole-Slide
 Image Classification", arXiv 2508.05114; journal version of HDMIL, CVPR 2025).
 
-Step 1 trains **DMIN** on HR features by self-distillation (L_SD); step 2 trains **DB-LIPN** on
-1.25x crops, each covering exactly one 20x tile (the 1:1 geometry), to predict DMIN's mask
-(asymmetric distillation, L_AD), and fine-tunes DMIN on the tiles it keeps. At inference only the
-tiles DB-LIPN keeps are read at 20x, encoded and classified by DMIN.
+Step 1 trains **DMIN** on 20x features (self-distillation); step 2 trains **DB-LIPN** on 1.25x
+crops, one per 20x tile, to predict DMIN's mask (asymmetric distillation) and fine-tunes DMIN on
+the tiles it keeps; at inference only those are read at 20x.
 
 **DMIN** (features X ∈ R^{N x D} of one slide, C classes; Φ_c a CKA layer per class)::
 
@@ -27,40 +26,36 @@ the crops; P = (1/B) Σ_b p^b, kept tiles M_LR = 1[P > 0]. With DMIN's S and M =
     L_AD = (1/B) Σ_b L^b;  then one DMIN update with CE on the tiles M_LR keeps;
     after each epoch cross-EMA: θ_b ← (1 − λ) θ_b + λ mean_{b' ≠ b} θ_{b'}
 
-**Deviations from the authors' code** (numbered as in the paper notes): (1) one class name,
-``AHDMIL``; (2) the keep-rate gate ``keep_bounds`` is fixed (their ``args.lower_ratio`` does not
-exist); when no epoch passes it, step 2 restarts from the step-1 DMIN with a new DB-LIPN at most
-``step2_restarts`` times, then keeps the last weights with a warning; (3) both steps here, and
-L_inst is CLAM's instance loss with cross-entropy instead of the unvendored smooth top-1 SVM;
+**Deviations from the authors' code** (numbered as in the paper notes): (1) one class name;
+(2) a fixed keep-rate gate ``keep_bounds``; when no epoch passes it, step 2 restarts from the
+step-1 DMIN with a new DB-LIPN at most ``step2_restarts`` times, then keeps the last weights and
+warns; (3) both steps here, L_inst is CLAM's instance loss with CE, not the smooth top-1 SVM;
 (4) β is normalised per class in training as at inference (theirs: over all tiles and classes);
-(5) β from softmaxes, finite for logits of 1e4 (their raw ``exp`` overflows); (6) DMIN makes
-DB-LIPN's targets in eval mode (theirs: dropout on); (7) the keep mask is the union over all C
-classes (HDMIL: classes 0 and 1); (8) GroupNorm in DB-LIPN, so cross-EMA mixes the whole state,
-and it runs after epochs only (theirs also mixes two random initialisations); (9) step 2's DMIN
-update is CE only, as theirs; (10) attention is per tile, so the predictor really reads and
-encodes only the kept tiles (theirs selects among features of every tile: no speed-up);
-(11) unused options (``pse_weight``, KAN attention) are left out.
+(5) β from softmaxes, finite for logits of 1e4; (6) DMIN makes DB-LIPN's targets in eval mode;
+(7) the keep mask is the union over all C classes; (8) GroupNorm in DB-LIPN, cross-EMA after
+epochs only; (10) the predictor reads and encodes only the kept tiles (theirs selects among every
+tile's features); (11) ``pse_weight`` and KAN attention are left out.
 
-**Our own choices**: DB-LIPN normalises each crop on its own (GroupNorm, one group; ``norm="batch"``
-is the paper's BatchNorm over a slide's crops), so a tile's keep decision depends on it alone;
-on the CPU presets the crops are 8 px (20x tiles 128 px) and DB-LIPN's first convolution has
-stride 1 (:func:`~mini_kd.encoders.stride_schedule`); crops are normalised by
-:func:`mini_kd.data.to_tensor`; the HR encoder is EfficientNet-Lite0 (1280-d), not ResNet50-trunc;
-a class whose mask keeps nothing keeps its ``min_keep`` best tiles (:func:`keep_mask`); the
-straight-through mask is ``y_hard + (y_soft − stopgrad(y_soft))``, exactly 0 or 1 forward.
+**Our own choices**: GroupNorm (one group) in DB-LIPN, so each crop is normalised alone
+(``norm="batch"``: the paper's); 8-px crops of 128-px 20x tiles on the CPU presets; the HR
+encoder EfficientNet-Lite0; a class whose mask keeps nothing keeps its ``min_keep`` best tiles.
 
-:class:`Config` holds the paper's Camelyon16 values and geometry (``hr_mag``, ``hr_tile``,
-``screen_mag``; :func:`mini_kd.presets.config` applies a preset's tile sizes); :class:`Schedule`
-the paper's epochs and learning rates (:data:`mini_kd.presets.SCHEDULES` shortens them).
+**Beyond the paper (ours, off by default): the screen's operating threshold.** When DMIN's mask
+is sparse (keep rate ≲ 0.1), most of DB-LIPN's targets say "drop": a screen that cannot yet tell
+the few kept tiles apart minimises L_AD by dropping all, and 1[P > 0] falls back to one tile per
+class. With ``screen_recall`` = r the screen keeps 1[P_{n,c} > t_c], t_c set after each step-2
+epoch so that r of the validation tiles DMIN's own mask keeps pass, capped at 0: only the
+*ranking* of P must be right.
+
+:class:`Config`, :class:`Schedule`: the paper's values; :mod:`mini_kd.presets` gives a preset's.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -69,18 +64,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mini_kd import methods
-from mini_kd.data import to_tensor
 from mini_kd.encoders import DBLIPN, build_encoder
 from mini_kd.errors import MiniKDError
-from mini_kd.features import cohort_features, cohort_grids
 from mini_kd.inference import SlideRun, predict_slide
-from mini_kd.kan import ChebyKAN
-from mini_kd.mil import AttentionPool, InstanceClassifier, masked_softmax, topk_instance_loss
-from mini_kd.progress import progress
+from mini_kd.kan import head as kan_head
+from mini_kd.methods.ahdmil_data import (Bag, build_bags, evaluating, fit_config, read_crops,
+                                         slide_loader)
+from mini_kd.mil import AttentionPool, masked_softmax, topk_instance_loss
 from mini_kd.runtime import pick_device, seed_everything
-from mini_kd.slides import open_slide
-from mini_kd.tiling import read_from_level, same_footprint
-from mini_kd.train import FitConfig, fit as fit_network
+from mini_kd.train import fit as fit_network
 
 
 # == 1. configuration and schedule =================================================================
@@ -112,6 +104,7 @@ class Config:
     norm: str = "group"                   # "group" (ours) or "batch" (paper)
     keep_bounds: tuple[float, float] = (0.3, 1.0)  # step 2 keeps an epoch whose val keep rate is in
     min_keep: int = 1                     # tiles a class keeps when its mask keeps none
+    screen_recall: float | None = None    # ours: None = the paper's 1[P > 0]; r = recall_threshold
 
 
 @dataclass
@@ -140,8 +133,7 @@ def gumbel_sigmoid(S: torch.Tensor, tau: float = 0.7, training: bool = True,
     Training: y_soft = sigm((S + g_1 − g_2) / τ) with g_i ~ Gumbel(0, 1) (their difference,
     ``noise``, ~ Logistic(0, 1)), y_hard = 1[y_soft > 0.5], m = y_hard + y_soft − stopgrad(y_soft):
     exactly 0 or 1 forward, ∂m/∂S = y_soft (1 − y_soft) / τ, kept with probability sigm(S) for
-    any τ. Eval: m = 1[S > 0], no noise and no gradient.
-    """
+    any τ. Eval: m = 1[S > 0], no noise and no gradient."""
     if not training:
         return (S > 0).to(S.dtype)
     if noise is None:
@@ -161,8 +153,7 @@ def keep_rate(mask: torch.Tensor) -> torch.Tensor:
 
 
 def keep_mask(scores: torch.Tensor, min_keep: int = 1) -> torch.Tensor:
-    """bool (N, C): 1[score > 0], and a class that keeps no tile keeps its ``min_keep`` best
-    (on DMIN's S or DB-LIPN's P), so no class pools over an empty set."""
+    """bool (N, C): 1[score > 0]; a class keeping no tile keeps its ``min_keep`` best (S or P)."""
     mask = scores > 0  # (N, C)
     empty = ~mask.any(dim=0)  # (C,)
     if empty.any() and min_keep > 0 and len(scores):
@@ -174,8 +165,7 @@ def keep_mask(scores: torch.Tensor, min_keep: int = 1) -> torch.Tensor:
 
 def student_weights(S: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     r"""β_{n,c} = m_{n,c} exp(s_{n,c}) / Σ_{n'} m_{n',c} exp(s_{n',c}) per class, as β = m α / Σ_n m α
-    with α = softmax_n(S): no overflow, and the gradient reaches m also where m = 0. If the kept α
-    all underflow, the masked softmax of the kept tiles; a class keeping nothing gets β = 0."""
+    with α = softmax_n(S): no overflow, a gradient to m where m = 0; β = 0 for an empty class."""
     alpha = torch.softmax(S, dim=0)  # (N, C)
     weighted = m * alpha  # (N, C)
     total = weighted.sum(dim=0, keepdim=True)  # (1, C)
@@ -184,22 +174,7 @@ def student_weights(S: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 # == 3. DMIN, part 2: the network ==================================================================
-class BagClassifiers(nn.Module):
-    """Φ_c, one per class: (..., C, H) -> (..., C), logit_c = Φ_c(z_c). CKA or linear."""
-
-    def __init__(self, hidden: int, n_classes: int, head: str = "cka", degree: int = 12):
-        super().__init__()
-        if head not in ("cka", "linear"):
-            raise MiniKDError(f"unknown DMIN head {head!r}; choose 'cka' (paper) or 'linear'")
-        make = (lambda: ChebyKAN(hidden, 1, degree)) if head == "cka" else (lambda: nn.Linear(hidden, 1))
-        self.heads = nn.ModuleList(make() for _ in range(n_classes))
-
-    def forward(self, Z: torch.Tensor) -> torch.Tensor:
-        return torch.cat([head(Z[..., c, :]) for c, head in enumerate(self.heads)], dim=-1)
-
-
-class DMINOutput(NamedTuple):
-    """DMIN's training-path outputs for one slide of N tiles, C classes, H hidden units."""
+class DMINOutput(NamedTuple):  # DMIN's training path on one slide: N tiles, C classes, H hidden
     teacher_logits: torch.Tensor  # (C,) ŷ^T, pooled over all tiles
     student_logits: torch.Tensor  # (C,) ŷ^S, pooled over the masked tiles
     S: torch.Tensor               # (N, C) attention logits
@@ -211,9 +186,8 @@ class DMINOutput(NamedTuple):
 
 
 class DMIN(nn.Module):
-    """Dynamic multi-instance network on one slide's HR features X (N, D): ``forward(X)`` is the
-    training path (:class:`DMINOutput`); ``classify(X, keep)`` the eval / fine-tune / inference
-    path that pools class c over the tiles ``keep[:, c]`` only."""
+    """DMIN on one slide's HR features X (N, D): ``forward(X)``, the training path; ``classify(X,
+    keep)``, the eval / fine-tune / inference path, on the kept (or only the read) tiles."""
 
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 512,
                  attention_hidden: int = 256, dropout: float = 0.25, head: str = "cka",
@@ -226,14 +200,17 @@ class DMIN(nn.Module):
         self.projection = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attention = AttentionPool(hidden, attention_hidden, gated=True, dropout=dropout,
                                        n_branches=n_classes, bias=True)
-        self.classifiers = BagClassifiers(hidden, n_classes, head, degree)
-        self.instance_classifiers = nn.ModuleList(
-            ChebyKAN(hidden, 2, degree) if head == "cka" else InstanceClassifier(hidden)
-            for _ in range(n_classes))
+        self.classifiers = nn.ModuleList(kan_head(hidden, 1, head, degree) for _ in range(n_classes))
+        self.instance_classifiers = nn.ModuleList(kan_head(hidden, 2, head, degree)
+                                                  for _ in range(n_classes))
         for layer in self.modules():  # Xavier-normal weights, zero biases (as the authors)
             if isinstance(layer, nn.Linear):
                 nn.init.xavier_normal_(layer.weight)
                 nn.init.zeros_(layer.bias)
+
+    def Phi(self, Z: torch.Tensor) -> torch.Tensor:
+        """ŷ_c = Φ_c(z_c): Z (C, H) -> logits (C,)."""
+        return torch.cat([Phi_c(z_c) for Phi_c, z_c in zip(self.classifiers, Z)])
 
     def embed(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """H = projection(X) (N, hidden) and S = attention logits (N, C)."""
@@ -243,9 +220,6 @@ class DMIN(nn.Module):
         H = self.projection(X)  # (N, hidden)
         return H, self.attention.score(H.unsqueeze(0))[0]  # S: (N, C)
 
-    def attention_logits(self, X: torch.Tensor) -> torch.Tensor:
-        return self.embed(X)[1]  # S (N, C): what DB-LIPN learns to predict
-
     def forward(self, X: torch.Tensor) -> DMINOutput:
         H, S = self.embed(X)  # (N, hidden), (N, C)
         alpha = torch.softmax(S, dim=0)  # (N, C) teacher: every tile
@@ -253,19 +227,17 @@ class DMIN(nn.Module):
         mask = gumbel_sigmoid(S, self.tau, training=self.training)  # (N, C)
         beta = student_weights(S, mask)  # (N, C) student: the kept tiles, per class
         Z_student = beta.T @ H  # (C, hidden)
-        return DMINOutput(self.classifiers(Z_teacher), self.classifiers(Z_student), S, mask,
+        return DMINOutput(self.Phi(Z_teacher), self.Phi(Z_student), S, mask,
                           keep_rate(mask), Z_teacher, Z_student, H)
 
     def classify(self, X: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (C,): class c pools over the tiles ``keep[:, c]`` (bool (N, C)); None = all.
-        Attention is per tile, so X may hold only the tiles that were read (item 10)."""
+        """Logits (C,), class c pooled over the tiles ``keep[:, c]`` (bool (N, C); None = all)."""
         H, S = self.embed(X)  # (N, hidden), (N, C)
         alpha = masked_softmax(S, keep, dim=0)  # (N, C); a class keeping nothing pools to 0
-        return self.classifiers(alpha.T @ H)  # (C,)
+        return self.Phi(alpha.T @ H)  # (C,)
 
     def own_mask(self, X: torch.Tensor, min_keep: int = 1) -> torch.Tensor:
-        """bool (N, C): DMIN's eval mask 1[S > 0] (with the :func:`keep_mask` fallback)."""
-        return keep_mask(self.attention_logits(X), min_keep)
+        return keep_mask(self.embed(X)[1], min_keep)  # bool (N, C): its eval mask 1[S > 0]
 
 
 # == 4. DB-LIPN: the 1.25x screen (its network: mini_kd.encoders.DBLIPN) =========================
@@ -284,15 +256,17 @@ def cross_ema(branches, lam: float) -> None:
 
 
 class AHDMIL(nn.Module):
-    """DMIN and DB-LIPN together: what step 2 trains and the predictor runs."""
+    """DMIN and DB-LIPN together: what step 2 trains and the predictor runs. ``threshold`` t (C,)
+    is 0 (the paper's rule) unless :func:`recall_threshold` set it."""
 
     def __init__(self, dmin: DMIN, lipn: DBLIPN, min_keep: int = 1):
         super().__init__()
         self.dmin, self.lipn, self.min_keep = dmin, lipn, min_keep
+        self.register_buffer("threshold", torch.zeros(dmin.args["n_classes"]))
 
     def screen(self, crops: torch.Tensor) -> torch.Tensor:
-        """bool (N, C): the tiles DB-LIPN keeps per class (a tile is read if any class keeps it)."""
-        return keep_mask(self.lipn.fused(crops), self.min_keep)
+        """bool (N, C): 1[P > t], the tiles DB-LIPN keeps per class (read: kept by any class)."""
+        return keep_mask(self.lipn.fused(crops) - self.threshold, self.min_keep)
 
     def forward(self, features: torch.Tensor, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (C,), keep (N, C)) from the features of every tile (training, validation)."""
@@ -300,19 +274,23 @@ class AHDMIL(nn.Module):
         return self.dmin.classify(features, keep), keep
 
 
+def recall_threshold(P: torch.Tensor, M: torch.Tensor, recall: float) -> torch.Tensor:
+    """Ours: t (C,), per class the highest t_c ≤ 0 at which 1[P_{:,c} > t_c] keeps ``recall`` of
+    the tiles that M (bool (N, C), DMIN's own mask) keeps; 0 where M keeps none."""
+    t = torch.zeros(P.shape[1])
+    for c in range(P.shape[1]):
+        kept = P[M[:, c], c]
+        if len(kept):
+            kth = kept.topk(math.ceil(recall * len(kept))).values[-1]  # the lowest P to keep
+            t[c] = min(torch.nextafter(kth, torch.tensor(-math.inf)).item(), 0.0)
+    return t
+
+
 # == 5. the losses =================================================================================
-def instance_loss(dmin: DMIN, out: DMINOutput, label: int, k: int) -> torch.Tensor:
-    """CLAM's instance loss for the true class (no subtyping): its top-k tiles by attention are
-    positives, its bottom-k negatives, for that class's instance classifier."""
-    logits = dmin.instance_classifiers[label](out.H)  # (N, 2)
-    return topk_instance_loss(logits, out.S[:, label], k)
-
-
 def L_SD(out: DMINOutput, label: torch.Tensor, L_inst: torch.Tensor, config: Config
          ) -> tuple[torch.Tensor, dict]:
     r"""L_SD = w_ce CE(ŷ^T, y) + w_inst L_inst + w_kl KL(softmax ŷ^T ‖ softmax ŷ^S)
-    + w_feat MSE(Z^S, Z^T) + w_rate (ρ − mask_ratio)², and its terms. Nothing is detached: teacher
-    and student share their parameters and both learn from the KL and the feature term."""
+    + w_feat MSE(Z^S, Z^T) + w_rate (ρ − mask_ratio)², and its terms; nothing is detached."""
     ce = F.cross_entropy(out.teacher_logits.unsqueeze(0), label.reshape(1))
     log_p_t = F.log_softmax(out.teacher_logits, dim=-1)  # (C,)
     log_p_s = F.log_softmax(out.student_logits, dim=-1)  # (C,)
@@ -350,62 +328,7 @@ def L_AD(branch_logits: torch.Tensor, S: torch.Tensor, soft: bool) -> torch.Tens
     return torch.stack(losses).mean()
 
 
-# == 6. data: one item per slide ===================================================================
-@dataclass
-class Bag:
-    """One slide as the training steps see it: every tissue tile, in grid order."""
-    slide_id: str
-    features: torch.Tensor          # (N, D) HR features
-    crops: torch.Tensor             # (N, 3, t, t) normalised 1.25x crops
-    label: int
-
-    def item(self) -> dict:
-        return {"features": self.features, "crops": self.crops,
-                "label": torch.tensor(self.label, dtype=torch.long)}
-
-
-def build_bags(cohort, slide_ids, config: Config, encoder: nn.Module, device=None) -> dict:
-    """{slide_id: Bag}: the HR features of every tissue tile (extracted once, then read from the
-    cohort's feature files) and the 1.25x crop of each."""
-    grids = cohort_grids(cohort, config.hr_mag, config.hr_tile)
-    grids = {slide_id: grids[slide_id] for slide_id in slide_ids}
-    features = cohort_features(cohort, grids, encoder, device=device)
-    bags = {}
-    for slide_id in progress(slide_ids, desc="1.25x crops"):
-        with open_slide(cohort.slide_path(slide_id)) as slide:
-            crops = read_from_level(slide, same_footprint(grids[slide_id], config.screen_mag))
-        bags[slide_id] = Bag(slide_id, features[slide_id], to_tensor(crops),
-                             int(cohort.labels([slide_id])[0]))
-    return bags
-
-
-def slide_loader(bags: list[Bag], seed: int):
-    """One slide per batch, drawn with class-balancing weights (the paper's sampler)."""
-    labels = np.array([bag.label for bag in bags])
-    weights = torch.as_tensor(1.0 / np.bincount(labels)[labels])
-    sampler = torch.utils.data.WeightedRandomSampler(weights, len(bags), replacement=True,
-                                                     generator=torch.Generator().manual_seed(seed))
-    return torch.utils.data.DataLoader([bag.item() for bag in bags], batch_size=None, sampler=sampler)
-
-
-@contextmanager
-def evaluating(module: nn.Module):
-    """``module`` in eval mode (dropout off) inside the block, its own mode restored after."""
-    was_training = module.training
-    try:
-        yield module.eval()
-    finally:
-        module.train(was_training)
-
-
-def _fit_config(schedule: Schedule, step: str, **fields) -> FitConfig:
-    """The :class:`~mini_kd.train.FitConfig` of one training step; with ``checkpoint_dir`` its
-    epochs are checkpointed in a folder of their own (so an interrupted ``fit`` resumes)."""
-    folder = None if schedule.checkpoint_dir is None else str(Path(schedule.checkpoint_dir) / step)
-    return FitConfig(device=schedule.device, checkpoint_dir=folder, **fields)
-
-
-# == 7. step 1: DMIN with self-distillation ========================================================
+# == 6. step 1: DMIN with self-distillation ========================================================
 def new_dmin(in_dim: int, config: Config, seed: int) -> DMIN:
     """DMIN as step 1 starts it: initialised from ``seed``."""
     seed_everything(seed)
@@ -414,67 +337,65 @@ def new_dmin(in_dim: int, config: Config, seed: int) -> DMIN:
 
 
 def sd_step(dmin: DMIN, batch: dict, config: Config):
-    out = dmin(batch["features"])
-    inst = instance_loss(dmin, out, int(batch["label"]), config.k_sample)
-    return L_SD(out, batch["label"], inst, config)
+    """L_SD with L_inst, CLAM's instance loss for the true class y: its top-k tiles by attention
+    are positives, its bottom-k negatives, for its instance classifier."""
+    out, y = dmin(batch["features"]), int(batch["label"])
+    L_inst = topk_instance_loss(dmin.instance_classifiers[y](out.H), out.S[:, y], config.k_sample)
+    return L_SD(out, batch["label"], L_inst, config)
+
+
+def scored(logits: torch.Tensor, keep: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """CE(logits (C,), y) and the keep rate (1/N) Σ_n 1[any_c keep_{n,c}] of keep (N, C)."""
+    ce = F.cross_entropy(logits.unsqueeze(0), label.reshape(1))
+    return ce, {"loss": float(ce.detach()), "keep_rate": float(keep.any(dim=1).float().mean())}
 
 
 def dmin_val_step(dmin: DMIN, batch: dict, min_keep: int = 1) -> dict:
     """CE and keep rate of DMIN's eval path (its own mask 1[S > 0]), as the authors validate."""
     keep = dmin.own_mask(batch["features"], min_keep)
-    logits = dmin.classify(batch["features"], keep)
-    return {"loss": float(F.cross_entropy(logits.unsqueeze(0), batch["label"].reshape(1))),
-            "keep_rate": float(keep.any(dim=1).float().mean())}
+    return scored(dmin.classify(batch["features"], keep), keep, batch["label"])[1]
 
 
 def train_step1(train: list[Bag], val: list[Bag], config: Config, schedule: Schedule):
-    """DMIN trained with L_SD; the epoch with the lowest validation CE (eval path) from
-    ``min_epochs`` on is kept. Returns (DMIN, history)."""
+    """(DMIN, history): L_SD, the epoch of lowest validation CE from ``min_epochs`` on kept."""
     dmin = new_dmin(train[0].features.shape[1], config, schedule.seed)
-    fit_config = _fit_config(schedule, "step1", epochs=schedule.epochs, lr=schedule.lr,
-                             weight_decay=schedule.weight_decay, min_epochs=schedule.min_epochs,
-                             patience=schedule.patience, seed=schedule.seed)
+    step1 = fit_config(schedule, "step1", epochs=schedule.epochs, lr=schedule.lr,
+                       weight_decay=schedule.weight_decay, min_epochs=schedule.min_epochs,
+                       patience=schedule.patience, seed=schedule.seed)
     history = fit_network(dmin, lambda m, b: sd_step(m, b, config),
-                          slide_loader(train, schedule.seed), fit_config,
+                          slide_loader(train, schedule.seed), step1,
                           val_step=lambda m, b: dmin_val_step(m, b, config.min_keep),
                           val_data=[bag.item() for bag in val])
     return dmin.cpu().eval(), history
 
 
-# == 8. step 2: DB-LIPN by asymmetric distillation, DMIN fine-tuned on what it keeps ==============
+# == 7. step 2: DB-LIPN by asymmetric distillation, DMIN fine-tuned on what it keeps ==============
 def lipn_step(model: AHDMIL, batch: dict, config: Config):
     """One DB-LIPN update: targets from DMIN in eval mode (item 6), soft mode with probability
     ``attn_ratio``. A slide whose L_AD is not finite is skipped, as the authors do."""
     with torch.no_grad(), evaluating(model.dmin):
-        S = model.dmin.attention_logits(batch["features"])  # (N, C)
+        S = model.dmin.embed(batch["features"])[1]  # (N, C)
     soft = bool(torch.rand(()) < config.attn_ratio)
     loss = L_AD(model.lipn(batch["crops"]), S, soft)
-    if not torch.isfinite(loss):
-        return None
-    return loss, {"soft": float(soft)}
+    return (loss, {"soft": float(soft)}) if torch.isfinite(loss) else None
 
 
 def finetune_step(model: AHDMIL, batch: dict):
     """One DMIN update: CE on the tiles DB-LIPN (eval mode, no gradient) keeps."""
     with torch.no_grad(), evaluating(model.lipn):
         keep = model.screen(batch["crops"])  # (N, C)
-    logits = model.dmin.classify(batch["features"], keep)
-    loss = F.cross_entropy(logits.unsqueeze(0), batch["label"].reshape(1))
-    return loss, {"keep_rate": float(keep.any(dim=1).float().mean())}
+    loss, metrics = scored(model.dmin.classify(batch["features"], keep), keep, batch["label"])
+    return loss, {"keep_rate": metrics["keep_rate"]}
 
 
 def ahdmil_val_step(model: AHDMIL, batch: dict) -> dict:
-    logits, keep = model(batch["features"], batch["crops"])
-    return {"loss": float(F.cross_entropy(logits.unsqueeze(0), batch["label"].reshape(1))),
-            "keep_rate": float(keep.any(dim=1).float().mean())}
+    return scored(*model(batch["features"], batch["crops"]), batch["label"])[1]
 
 
 def train_step2(dmin: DMIN, train: list[Bag], val: list[Bag], config: Config, schedule: Schedule):
     """Step 2 on a copy of ``dmin``: per slide one DB-LIPN update, then one DMIN update. An epoch
-    is kept only if the validation loss improves *and* the validation keep rate is in
-    ``keep_bounds``; if none is, step 2 restarts from ``dmin`` with a new DB-LIPN (seed + 1, ...)
-    at most ``step2_restarts`` times, then keeps the last weights (``best_epoch`` None) and warns.
-    Returns (model, the last try's history, tries)."""
+    is kept only if the val loss improves *and* the val keep rate is in ``keep_bounds``; if none
+    is, at most ``step2_restarts`` new DB-LIPNs (seed + 1, ...) try. -> (model, history, tries)"""
     for tries in range(1, schedule.step2_restarts + 2):
         model, history = _step2_try(dmin, train, val, config, schedule, tries)
         if history.best_epoch is not None:
@@ -490,77 +411,75 @@ def _step2_try(dmin: DMIN, train: list[Bag], val: list[Bag], config: Config, sch
     seed = schedule.seed + attempt - 1
     seed_everything(seed)
     lipn = DBLIPN(config.n_classes, train[0].crops.shape[-1], config.num_branches, config.norm)
-    model = AHDMIL(copy.deepcopy(dmin), lipn, config.min_keep)
-    low, high = config.keep_bounds
+    model, (low, high) = AHDMIL(copy.deepcopy(dmin), lipn, config.min_keep), config.keep_bounds
 
-    def optimizers(m):
+    def optimizers(m):  # Adam for each network
         return {name: torch.optim.Adam(getattr(m, name).parameters(), lr,
                                        weight_decay=schedule.weight_decay)
                 for name, lr in (("lipn", schedule.lipn_lr), ("dmin", schedule.dmin_lr))}
 
-    fit_config = _fit_config(schedule, f"step2_try{attempt}", epochs=schedule.step2_epochs,
-                             patience=schedule.step2_patience, seed=seed)
+    def epoch_end(m: AHDMIL, epoch: int):
+        cross_ema(m.lipn.branches, config.lipn_ema)
+        if config.screen_recall is not None:  # ours: the operating threshold, on the val slides
+            calibrate(m, val, config.screen_recall)
+
+    step2 = fit_config(schedule, f"step2_try{attempt}", epochs=schedule.step2_epochs,
+                       patience=schedule.step2_patience, seed=seed)
     history = fit_network(model, {"lipn": lambda m, b: lipn_step(m, b, config), "dmin": finetune_step},
-                          slide_loader(train, seed + 1), fit_config, optimizer=optimizers,
+                          slide_loader(train, seed + 1), step2, optimizer=optimizers,
                           val_step=ahdmil_val_step, val_data=[bag.item() for bag in val],
-                          accept=lambda v: low <= v["val_keep_rate"] <= high,
-                          on_epoch_end=lambda m, epoch: cross_ema(m.lipn.branches, config.lipn_ema))
+                          accept=lambda v: low <= v["val_keep_rate"] <= high, on_epoch_end=epoch_end)
     return model.cpu().eval(), history
 
 
-# == 9. fit: both steps on a cohort's train slides, selected on its val slides ====================
+@torch.no_grad()
+def calibrate(model: AHDMIL, bags: list[Bag], recall: float) -> None:
+    """Ours: ``model.threshold`` ← :func:`recall_threshold` of P and 1[S > 0] on ``bags``."""
+    with evaluating(model):  # on the model's device, one slide at a time
+        P = torch.cat([model.lipn.fused(bag.crops.to(model.threshold)).cpu() for bag in bags])
+        S = torch.cat([model.dmin.embed(bag.features.to(model.threshold))[1].cpu() for bag in bags])
+    model.threshold.copy_(recall_threshold(P, S > 0, recall))
+
+
+# == 8. fit: both steps on a cohort's train slides, selected on its val slides; the predictor ====
 def fit(cohort, split: dict, config: Config, schedule: Schedule) -> "Trained":
     """Step 1 then step 2 on ``split["train"]``, each selected on ``split["val"]``."""
     encoder = build_encoder(config.encoder).eval()
     bags = build_bags(cohort, [*split["train"], *split["val"]], config, encoder, schedule.device)
-    return fit_bags([bags[s] for s in split["train"]], [bags[s] for s in split["val"]], config,
-                    schedule, encoder)
-
-
-def fit_bags(train: list[Bag], val: list[Bag], config: Config, schedule: Schedule,
-             encoder: nn.Module, encoder_kwargs: dict | None = None) -> "Trained":
-    """:func:`fit` on bags already built (with ``encoder``'s features)."""
+    train, val = [bags[s] for s in split["train"]], [bags[s] for s in split["val"]]
     dmin, step1 = train_step1(train, val, config, schedule)
     model, step2, tries = train_step2(dmin, train, val, config, schedule)
-    return Trained(config, model, encoder, dict(encoder_kwargs or {}), step1_dmin=dmin,
-                   history={"step1": step1, "step2": step2, "tries": tries})
+    return Trained(config, model, encoder, history={"step1": step1, "step2": step2, "tries": tries})
 
 
-# == 10. the trained method and its predictor ======================================================
 @dataclass
 class Trained(methods.Trained):
-    """DMIN (fine-tuned), DB-LIPN and the HR encoder; ``step1_dmin`` and ``history`` (the steps'
-    :class:`~mini_kd.train.History` and step 2's tries) come from :func:`fit` and are not saved."""
+    """DMIN, DB-LIPN (and its threshold), the HR encoder; ``history``, from :func:`fit`, is not saved."""
 
     method = "ahdmil"
     config: Config
     model: AHDMIL
     encoder: nn.Module
     encoder_kwargs: dict = field(default_factory=dict)   # build_encoder(config.encoder, **these)
-    step1_dmin: DMIN | None = field(default=None, repr=False)
     history: dict = field(default_factory=dict, repr=False)
 
     def state(self) -> dict:
-        return {"dmin_args": self.model.dmin.args, "dmin": self.model.dmin.state_dict(),
-                "lipn_args": self.model.lipn.args, "lipn": self.model.lipn.state_dict(),
-                "encoder_kwargs": self.encoder_kwargs, "encoder": self.encoder.state_dict()}
+        return {"dmin_args": self.model.dmin.args, "lipn_args": self.model.lipn.args,
+                "model": self.model.state_dict(), "encoder_kwargs": self.encoder_kwargs,
+                "encoder": self.encoder.state_dict()}
 
     @classmethod
     def from_state(cls, config: Config, state: dict) -> "Trained":
-        dmin, lipn = DMIN(**state["dmin_args"]), DBLIPN(**state["lipn_args"])
-        dmin.load_state_dict(state["dmin"])
-        lipn.load_state_dict(state["lipn"])
+        model = AHDMIL(DMIN(**state["dmin_args"]), DBLIPN(**state["lipn_args"]), config.min_keep)
+        model.load_state_dict(state["model"])
         encoder = build_encoder(config.encoder, pretrained=False, **state["encoder_kwargs"])
         encoder.load_state_dict(state["encoder"])
-        return cls(config, AHDMIL(dmin, lipn, config.min_keep).eval(), encoder.eval(),
-                   dict(state["encoder_kwargs"]))
+        return cls(config, model.eval(), encoder.eval(), dict(state["encoder_kwargs"]))
 
     def predictor(self, device=None, screen: bool = True, batch_size: int = 64):
-        """``predict(slide_path, mpp=None) -> Prediction``: the 20x tissue grid (stage ``grid``),
-        its 1.25x crops (``read_lr``), DB-LIPN (``screen``), the kept 20x tiles read and encoded
-        (``read``, ``encode``), DMIN on them (``dmin``). ``screen=False``: every tissue tile is
-        read and DMIN pools over all (the baseline). ``details``: ``grid``, ``keep`` (N, C),
-        ``keep_rate``."""
+        """``predict(slide_path, mpp=None) -> Prediction``: stages ``grid`` (20x), ``read_lr``,
+        ``screen`` (DB-LIPN), ``read`` and ``encode`` (the kept 20x tiles), ``dmin``; ``screen=False``
+        reads every tissue tile (the baseline). ``details``: ``grid``, ``keep`` (N, C), ``keep_rate``."""
         device, c = pick_device(device), self.config
         model, encoder = self.model.to(device).eval(), self.encoder.to(device).eval()
 
@@ -568,12 +487,9 @@ class Trained(methods.Trained):
             grid = run.grid(c.hr_mag, c.hr_tile)
             keep = torch.ones(len(grid), model.dmin.args["n_classes"], dtype=torch.bool)  # (N, C)
             if screen:
-                lr_grid = same_footprint(grid, c.screen_mag)
-                with run.timer.stage("read_lr"):
-                    crops = read_from_level(run.slide, lr_grid)  # (N, t, t, 3)
-                run.tiles_read[lr_grid.mag] = run.tiles_read.get(lr_grid.mag, 0) + len(lr_grid)
+                crops = read_crops(run, grid, c.screen_mag)  # (N, 3, t, t), stage read_lr
                 with run.timer.stage("screen"):
-                    keep = model.screen(to_tensor(crops).to(device)).cpu()  # (N, C)
+                    keep = model.screen(crops.to(device)).cpu()  # (N, C)
             rows = np.flatnonzero(keep.any(dim=1).numpy())  # the tiles to read at 20x
             features = run.encode(grid, encoder, grid.coords[rows], batch_size, device)  # (n, D)
             with run.timer.stage("dmin"):
