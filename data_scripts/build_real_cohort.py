@@ -1,6 +1,6 @@
 """Build the real-tissue cohort: SVS-like 20x/5x/1.25x slides of real H&E, label maps, labels.csv.
 
-    python data_scripts/build_real_cohort.py data/real_cohort --slides 24 --seed 0
+    python data_scripts/build_real_cohort.py data/real_cohort --slides 48 --seed 0
 
 The same as ``mini-kd real-cohort``; see :mod:`mini_kd.real_tissue` for the sources (the CC0
 CMU-1-Small-Region scan, a carcinoma field from the BSD-3-Clause tiatoolbox wheel) and what the
@@ -17,7 +17,7 @@ from mini_kd.real_tissue import make_real_cohort
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", help="folder to write the cohort to")
-    parser.add_argument("--slides", type=int, default=24, help="number of slides")
+    parser.add_argument("--slides", type=int, default=48, help="number of slides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=2560, help="level-0 side of each slide in px")
     parser.add_argument("--data-dir", help="where the source images are cached")
