@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from mini_kd.errors import MiniKDError
-from mini_kd.evaluate import plain, repeated_splits, summarize
+from mini_kd.evaluate import format_mean_std, plain, repeated_splits, summarize
 from mini_kd.progress import progress
 
 # The keys of a model's entry in Experiment.to_json(), which the chapters and tests read.
@@ -107,6 +107,14 @@ class Experiment:
                              **{f"{k}_{part}": v[i] for k, v in summarize(runs).items()
                                 for i, part in enumerate(("mean", "std"))}})
         return rows
+
+    def table(self, metrics=("auc", "accuracy", "f1", "keep_rate", "tumour_recall")) -> list[dict]:
+        """The results table: per model its description and each of ``metrics`` it has as
+        "mean ± std" over the splits."""
+        return [{"model": row["model"], "what": row["description"],
+                 **{key: format_mean_std(row[f"{key}_mean"], row[f"{key}_std"])
+                    for key in metrics if f"{key}_mean" in row}}
+                for row in self.summary()]
 
     def speed(self) -> list[dict]:
         """Mean seconds per slide and stage of each timed pipeline, and its speed-up over
