@@ -204,6 +204,7 @@ def _train(args) -> None:
     from mini_kd.methods import method_module
     from mini_kd.phantom import load_cohort
     from mini_kd.presets import config, schedule
+    from mini_kd.runtime import torch_threads
 
     cohort = load_cohort(args.cohort)
     out = Path(args.out)
@@ -214,8 +215,9 @@ def _train(args) -> None:
         raise MiniKDError(f"{parts} holds an earlier, unfinished run; pass --resume to carry on "
                           "from it, or delete it to start again")
     plan = replace(plan, checkpoint_dir=str(parts))
-    trained = method_module(args.method).fit(cohort, _split_of(cohort, args.split_seed),
-                                             config(args.method, args.preset), plan)
+    with torch_threads(1, plan.device):  # the thread policy of the notebooks' experiments
+        trained = method_module(args.method).fit(cohort, _split_of(cohort, args.split_seed),
+                                                 config(args.method, args.preset), plan)
     trained.save(out)
     shutil.rmtree(parts, ignore_errors=True)  # the run is whole: its epoch checkpoints are spent
     print(f"{args.method} trained on {cohort.root} ({args.preset} preset) -> {out}")

@@ -126,3 +126,31 @@ def test_train_refuses_a_leftover_run_unless_resumed(cohorts, tmp_path, capsys):
     assert main(["train", "ahdmil", str(cohorts["with masks"]), "--preset", "smoke",
                  "--out", str(checkpoint)]) == 2
     assert "--resume" in capsys.readouterr().err and not checkpoint.exists()
+
+
+@pytest.mark.parametrize("method", ["reskd", "lrmil", "ahdmil"])
+def test_train_fits_on_one_torch_thread_as_the_experiments_do(method, cohorts, tmp_path,
+                                                             monkeypatch, capsys):
+    """The thread policy of mini_kd.runtime: the course's small networks train on one thread on
+    the CPU (AHDMIL's step-1 epoch on the real book cohort: ~100 s on two threads, ~7 s on one)."""
+    import torch
+
+    from mini_kd.errors import MiniKDError
+    from mini_kd.methods import method_module
+
+    seen = []
+
+    def fit(cohort, split, config, schedule):
+        seen.append(torch.get_num_threads())
+        raise MiniKDError("stopped after the thread count was seen")
+
+    monkeypatch.setattr(method_module(method), "fit", fit)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["train", method, str(cohorts["with masks"]), "--preset", "smoke",
+                     "--out", str(tmp_path / "m.pt")]) == 2
+        assert seen == [1] and torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(before)
+    assert "stopped after" in capsys.readouterr().err
