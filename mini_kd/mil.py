@@ -19,9 +19,10 @@ instances and the bag is their weighted mean,
 **ABMIL** classifies the bag with one linear layer, ŷ = softmax(W z + b) ∈ R^C. Its input is
 each feature standardised with the training tiles' mean and standard deviation,
 h_n ← (h_n − μ) / σ (μ, σ ∈ R^D, buffers that :func:`train_abmil` sets and the checkpoint keeps;
-ours, not the papers'): EfficientNet's features span scales from 1e-3 to 1 across dimensions, and
-without it an ABMIL on real tissue, whose tumour is a few tiles of a slide, stays at chance (ours
-and torchmil's alike). LRMIL (Shin &
+ours, not the papers'): across the 1280 dimensions of EfficientNet-Lite0's features on the
+real-tissue cohort the standard deviations range from 0.03 to 1.8 and the means from 0.002 to 4.3,
+and without it an ABMIL on real tissue, whose tumour is a few tiles of a slide, mostly stays near
+chance (ours and torchmil's alike). LRMIL (Shin &
 Jeong 2026) uses it for both its HR teacher and its LR student (L = 128, no projection before
 the attention). AHDMIL's DMIN (Dong et al. 2025) scores every instance once per class,
 a_{n,c} = w_c^T[...] + b_c (``n_branches = C``, ``bias=True``), and pools once per class
