@@ -19,10 +19,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--difficulty", type=float, default=0.5, help="0 (easy) to 1 (hard)")
     parser.add_argument("--size", type=int, default=3072, help="level-0 side of each slide in px")
+    parser.add_argument("--tumour-fraction", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="each tumour slide's share of tumour, log-uniform in [LO, HI]")
     args = parser.parse_args(argv)
     try:
         cohort = make_cohort(args.out, n_slides=args.slides, seed=args.seed,
-                             difficulty=args.difficulty, slide_size=args.size)
+                             difficulty=args.difficulty, slide_size=args.size,
+                             tumour_fraction=args.tumour_fraction)
     except MiniKDError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

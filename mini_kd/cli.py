@@ -72,7 +72,8 @@ def _phantom(args) -> None:
         raise MiniKDError(f"{out} holds a cohort that is not a phantom (labels.csv, no cohort.json); "
                           "writing the phantom there would replace its labels: choose another folder")
     cohort = make_cohort(args.out, n_slides=args.slides, seed=args.seed,
-                         difficulty=args.difficulty, slide_size=args.size)
+                         difficulty=args.difficulty, slide_size=args.size,
+                         tumour_fraction=args.tumour_fraction)
     print(f"{len(cohort.slides)} phantom slides in {cohort.root}")
 
 
@@ -324,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--seed", type=int, default=0)
     phantom.add_argument("--difficulty", type=float, default=0.5)
     phantom.add_argument("--size", type=int, default=3072, help="level-0 side of each slide in px")
+    phantom.add_argument("--tumour-fraction", type=float, nargs=2, metavar=("LO", "HI"),
+                         help="draw each tumour slide's share of tumour log-uniformly from "
+                              "[LO, HI], e.g. 0.002 0.03 (default: the difficulty's 1-15 %%)")
     phantom.set_defaults(run=_phantom)
 
     real = commands.add_parser("real-cohort", help="build the cohort of real H&E tissue")

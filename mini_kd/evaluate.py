@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch.utils.flop_counter import FlopCounterMode
 
 from mini_kd.errors import MiniKDError
@@ -256,6 +256,30 @@ def repeated_splits(ids, labels, n_splits: int = 5, seed: int = 0, val_fraction:
         splits.append({name: ids[np.sort(part)].tolist()
                        for name, part in (("train", train), ("val", val), ("test", test))})
     return splits
+
+
+def kfold_splits(ids, labels, k: int = 4, seed: int = 0, val_fraction: float = 0.2) -> list[dict]:
+    """``k`` stratified folds of ``ids``: every id is a test id of exactly one fold.
+
+    Each fold's validation ids are a stratified ``val_fraction`` of *its own* training part (at
+    least one per class), never another fold's test ids; pooling the folds' test predictions
+    scores every slide once, out of fold. Returns ``[{"train", "val", "test"}, ...]`` (ids in
+    their original order); the same arguments give the same folds.
+    """
+    ids, labels = np.asarray(ids), np.asarray(labels)
+    counts = np.unique(labels, return_counts=True)[1]
+    if len(ids) != len(labels) or k < 2 or len(counts) < 2 or counts.min() < k + 1:
+        raise MiniKDError(f"cannot cut {len(ids)} slides ({counts.tolist()} per class) into {k} "
+                          "stratified folds with validation slides: every class needs at least "
+                          f"k + 1 = {k + 1} slides and k must be at least 2")
+    folds = []
+    for fold, (rest, test) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed)
+                                        .split(ids, labels)):
+        n_val = max(len(counts), round(val_fraction * len(rest)))
+        train, val = _split_off(rest, labels, n_val / len(rest), seed + fold)
+        folds.append({name: ids[np.sort(part)].tolist()
+                      for name, part in (("train", train), ("val", val), ("test", test))})
+    return folds
 
 
 def _split_off(index: np.ndarray, labels: np.ndarray, fraction: float, seed: int):

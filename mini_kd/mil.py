@@ -314,18 +314,36 @@ class Bags:
         return (self.bags[i] for i in order.tolist())
 
 
+class BagReadout(NamedTuple):
+    """What any bag model of the package says about a batch of B bags of N tiles."""
+
+    probability: torch.Tensor       # (B,) P(class 1)
+    attention: torch.Tensor | None  # (B, N) α over the tiles, None when the model has none
+
+
 @torch.no_grad()
+def read_bags(model: nn.Module, X: torch.Tensor) -> BagReadout:
+    """P(class 1) and attention α of ``model`` on the bags X (B, N, D), for every bag model here:
+
+    - a model with its own ``readout(X)``: the baselines of :mod:`mini_kd.baselines`, and
+      :class:`Standardised`, which standardises X and asks the model inside;
+    - a model whose output has ``logits`` (B, 2) and ``attention_logits`` (B, N) (ABMIL and its
+      kin): the softmax of each;
+    - any other: one logit l per bag (torchmil's ABMIL), P = σ(l), no attention.
+    """
+    if hasattr(model, "readout"):
+        return model.readout(X)
+    out = model(X)
+    if hasattr(out, "logits"):
+        return BagReadout(torch.softmax(out.logits, -1)[:, 1], torch.softmax(out.attention_logits, 1))
+    return BagReadout(torch.sigmoid(out).reshape(len(X)), None)
+
+
 def bag_probabilities(model: nn.Module, bags: list[dict]) -> np.ndarray:
-    """P(class 1) (S,) of each bag, in eval mode: the softmax of an ABMIL's logits, or the sigmoid
-    of a model that returns one logit per bag (torchmil's ABMIL)."""
+    """P(class 1) (S,) of each bag, in eval mode (:func:`read_bags`)."""
     model.eval()
     device = next(model.parameters()).device
-    probs = []
-    for bag in bags:
-        out = model(bag["X"].to(device))
-        probs.append(torch.softmax(out.logits, -1)[0, 1].item() if hasattr(out, "logits")
-                     else torch.sigmoid(out)[0].item())
-    return np.array(probs)
+    return np.array([read_bags(model, bag["X"].to(device)).probability[0].item() for bag in bags])
 
 
 def bag_validation(bags: list[dict]) -> Callable[[nn.Module], dict]:
@@ -365,8 +383,16 @@ class Standardised(nn.Module):
         self.register_buffer("mu", mu)        # (D,)
         self.register_buffer("sigma", sigma)  # (D,)
 
+    def standardise(self, X: torch.Tensor) -> torch.Tensor:
+        """(X − μ) / σ, feature by feature: what the model inside sees, in training and after."""
+        return (X - self.mu) / self.sigma
+
     def forward(self, X: torch.Tensor, *args, **kwargs):
-        return self.model((X - self.mu) / self.sigma, *args, **kwargs)
+        return self.model(self.standardise(X), *args, **kwargs)
+
+    def readout(self, X: torch.Tensor) -> BagReadout:
+        """:func:`read_bags` of the model inside on the standardised bags."""
+        return read_bags(self.model, self.standardise(X))
 
 
 def train_abmil(train_bags: list[dict], val_bags: list[dict], fit_config: FitConfig,
@@ -398,12 +424,14 @@ def train_abmil(train_bags: list[dict], val_bags: list[dict], fit_config: FitCon
     return model.eval(), history
 
 
-# -- inference: an encoder and an ABMIL on one slide file -------------------------------------------
-def abmil_predictor(encoder: nn.Module, mil: ABMIL, mag: float, tile_size: int,
+# -- inference: an encoder and a bag model on one slide file ---------------------------------------
+def abmil_predictor(encoder: nn.Module, mil: nn.Module, mag: float, tile_size: int,
                     min_tissue: float = 0.5, device: str | None = None):
-    """``predict(slide_path, mpp=None) -> Prediction``: ``encoder`` + ABMIL on the tissue tiles at
-    ``mag`` (stages tissue, grid, read, encode, MIL), on :mod:`mini_kd.inference`; ``details``:
-    the ``grid`` and the ``attention`` α (N,). LRMIL's 5x predictor, and its HR and LR ABMIL."""
+    """``predict(slide_path, mpp=None) -> Prediction``: ``encoder`` + a bag model (an ABMIL, or any
+    model :func:`read_bags` reads: the baselines, torchmil's ABMIL) on the tissue tiles at ``mag``
+    (stages tissue, grid, read, encode, MIL), on :mod:`mini_kd.inference`; ``details``: the
+    ``grid`` and the model's ``attention`` α (N,), or None when it has none. LRMIL's 5x predictor,
+    its HR and LR ABMIL, and the baselines at 20x."""
     device = pick_device(device)
     encoder.to(device).eval()
     mil.to(device).eval()
@@ -412,9 +440,9 @@ def abmil_predictor(encoder: nn.Module, mil: ABMIL, mag: float, tile_size: int,
         grid = run.grid(mag, tile_size, min_tissue)
         features = run.encode(grid, encoder, device=device)  # (N, D)
         with run.timer.stage("MIL"):
-            out = mil(features.unsqueeze(0))  # logits (1, C)
-            probability = torch.softmax(out.logits, -1)[0, 1].item()
-        return probability, {"grid": grid,
-                             "attention": torch.softmax(out.attention_logits[0], 0).cpu().numpy()}
+            readout = read_bags(mil, features.unsqueeze(0))  # P (1,), α (1, N) or None
+            probability = readout.probability[0].item()
+        attention = None if readout.attention is None else readout.attention[0].cpu().numpy()  # (N,)
+        return probability, {"grid": grid, "attention": attention}
 
     return lambda slide_path, mpp=None: predict_slide(slide_path, predict, mpp)

@@ -135,7 +135,17 @@ def _dense_fraction(rng, difficulty: float) -> float:
     return rng.uniform(0.03 - 0.02 * difficulty, 0.15 - 0.10 * difficulty)
 
 
-def make_label_map(rng, side: int, is_tumour: bool, difficulty: float) -> np.ndarray:
+def _tumour_fraction(rng, difficulty: float, tumour_fraction: tuple | None) -> float:
+    """Fraction of the tissue the tumour covers: :func:`_dense_fraction`'s, or, with
+    ``tumour_fraction`` (lo, hi), drawn log-uniformly from [lo, hi] -- from a few tumour cells to
+    a micro-metastasis when lo is a fraction of a per cent."""
+    if tumour_fraction is None:
+        return _dense_fraction(rng, difficulty)
+    return float(np.exp(rng.uniform(*np.log(tumour_fraction))))
+
+
+def make_label_map(rng, side: int, is_tumour: bool, difficulty: float,
+                   tumour_fraction: tuple | None = None) -> np.ndarray:
     """uint8 (side, side) codes of :data:`LABELS` for one slide (``side`` = slide side / 4).
 
     Tumour slides get tumour foci and mimic clusters; normal slides get mimic clusters covering
@@ -144,7 +154,7 @@ def make_label_map(rng, side: int, is_tumour: bool, difficulty: float) -> np.nda
     tissue = _tissue(rng, side, rng.uniform(0.35, 0.60))
     label_map = tissue.astype(np.uint8) * NORMAL
     tissue_area = tissue.sum()
-    tumour_area = _dense_fraction(rng, difficulty) * tissue_area
+    tumour_area = _tumour_fraction(rng, difficulty, tumour_fraction) * tissue_area
     mimic_area = _dense_fraction(rng, difficulty) * tissue_area
     if is_tumour:
         _add_regions(rng, label_map, tissue, MIMIC, mimic_area, int(rng.integers(1, 4)))
@@ -406,11 +416,11 @@ def calibrate(rng, look: Appearance, difficulty: float, side: int = 512) -> np.n
 
 
 def render_slide(slide_path, mask_path, seed: int, index: int, is_tumour: bool,
-                 difficulty: float, slide_size: int) -> None:
+                 difficulty: float, slide_size: int, tumour_fraction: tuple | None = None) -> None:
     """Draw slide ``index`` of the cohort ``seed``: its label map (PNG) and its pyramid (SVS)."""
     rng = np.random.default_rng([seed, index])
     side4 = -(-slide_size // MASK_DOWNSAMPLE)  # ceil
-    label_map = make_label_map(rng, side4, is_tumour, difficulty)  # (side4, side4)
+    label_map = make_label_map(rng, side4, is_tumour, difficulty, tumour_fraction)  # (side4, side4)
     look = random_appearance(rng)
     look.tint = calibrate(rng, look, difficulty)
     write_pyramid(slide_path, PhantomImage(rng, label_map, slide_size, look), MPP, MAGNIFICATION,
@@ -482,13 +492,16 @@ class Cohort:
         return np.array([label_of[slide_id] for slide_id in ids], dtype=np.int64)
 
 
-def _config(n_slides, seed, difficulty, slide_size) -> dict:
+def _config(n_slides, seed, difficulty, slide_size, tumour_fraction=None) -> dict:
     """The cohort.json content: everything the pictures depend on."""
-    return dict(n_slides=int(n_slides), seed=int(seed), difficulty=float(difficulty),
-                slide_size=int(slide_size), generator_version=GENERATOR_VERSION)
+    config = dict(n_slides=int(n_slides), seed=int(seed), difficulty=float(difficulty),
+                  slide_size=int(slide_size), generator_version=GENERATOR_VERSION)
+    if tumour_fraction is not None:
+        config["tumour_fraction"] = [float(f) for f in tumour_fraction]
+    return config
 
 
-def _check_config(n_slides, difficulty, slide_size) -> None:
+def _check_config(n_slides, difficulty, slide_size, tumour_fraction=None) -> None:
     if n_slides < 6:
         raise MiniKDError(f"n_slides={n_slides} is too few: the stratified train/val/test split "
                           "needs at least 3 slides per class; use n_slides >= 6")
@@ -496,17 +509,23 @@ def _check_config(n_slides, difficulty, slide_size) -> None:
         raise MiniKDError(f"difficulty={difficulty} must lie in [0, 1] (0 easy, 1 hardest)")
     if slide_size < 512:
         raise MiniKDError(f"slide_size={slide_size} px is too small for 1.25x tiles; use >= 512")
+    if tumour_fraction is not None and not (len(tumour_fraction) == 2
+                                            and 0 < tumour_fraction[0] <= tumour_fraction[1] < 1):
+        raise MiniKDError(f"tumour_fraction={tumour_fraction} must be (lo, hi) with "
+                          "0 < lo <= hi < 1, e.g. (0.002, 0.03)")
 
 
 def make_cohort(root, n_slides: int = 24, seed: int = 0, difficulty: float = 0.5,
-                slide_size: int = 3072) -> Cohort:
+                slide_size: int = 3072, tumour_fraction: tuple | None = None) -> Cohort:
     """Generate a phantom cohort of ``n_slides`` square slides of ``slide_size`` px in ``root``.
 
     Half the slides (rounded down) contain tumour; which ones, and the stratified 60/20/20
     train/val/test split, are drawn from ``seed``. ``difficulty`` in [0, 1] shrinks the tumour
-    foci and brings tumour and mimic closer together at low resolution.
+    foci and brings tumour and mimic closer together at low resolution; ``tumour_fraction`` (lo,
+    hi) instead draws each tumour slide's share of tumour log-uniformly from [lo, hi] (None: the
+    difficulty's share, 1-15 %).
     """
-    _check_config(n_slides, difficulty, slide_size)
+    _check_config(n_slides, difficulty, slide_size, tumour_fraction)
     root = Path(root)
     (root / "slides").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
@@ -515,10 +534,10 @@ def make_cohort(root, n_slides: int = 24, seed: int = 0, difficulty: float = 0.5
     ids = [f"phantom_{index:03d}" for index in range(n_slides)]
     for index, slide_id in enumerate(progress(ids, desc="phantom slides")):
         render_slide(root / "slides" / f"{slide_id}.svs", root / "masks" / f"{slide_id}.png",
-                     seed, index, bool(is_tumour[index]), difficulty, slide_size)
+                     seed, index, bool(is_tumour[index]), difficulty, slide_size, tumour_fraction)
     labels = {slide_id: int(tumour) for slide_id, tumour in zip(ids, is_tumour)}
     write_labels(root / "labels.csv", labels, stratified_split(labels, seed=seed))
-    config = _config(n_slides, seed, difficulty, slide_size)
+    config = _config(n_slides, seed, difficulty, slide_size, tumour_fraction)
     (root / "cohort.json").write_text(json.dumps(config, indent=2) + "\n")
     return load_cohort(root)
 

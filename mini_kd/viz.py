@@ -102,6 +102,46 @@ def cost_accuracy_plot(ax, rows: list[dict], cost="gflops", score="accuracy", la
     return ax
 
 
+def pareto_plot(ax, rows: list[dict], front: list[str], cost="seconds_per_slide", score="auc",
+                label="method"):
+    """``score`` with its 95 % CI bars (``<score>_ci``) against ``cost`` on a log axis, each point
+    labelled, and the Pareto front (the ``front`` rows: none cheaper and better) as a staircase."""
+    rows = [row for row in rows if row.get(cost) is not None]
+    for row in rows:
+        low, high = row[f"{score}_ci"]
+        on_front = row[label] in front
+        ax.errorbar(row[cost], row[score], yerr=[[row[score] - low], [high - row[score]]],
+                    fmt="o" if on_front else "s", color="tab:red" if on_front else "tab:gray",
+                    capsize=3, markersize=5)
+        ax.annotate(str(row[label]), (row[cost], row[score]), textcoords="offset points",
+                    xytext=(5, 3), fontsize=8)
+    best = sorted((row for row in rows if row[label] in front), key=lambda row: row[cost])
+    ax.step([row[cost] for row in best], [row[score] for row in best], where="post",
+            color="tab:red", alpha=0.5, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{cost.replace('_', ' ')} (log scale)")
+    ax.set_ylabel(f"{score.upper()} (95 % CI over slides)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right")
+    return ax
+
+
+def show_where_it_looks(looks: dict, names: dict[int, str], size: float = 4.0):
+    """One panel per model of :func:`mini_kd.experiments.where_it_looks`'s ``looks``: its
+    per-tile values over the slide's thumbnail, after the ground-truth label map when there is
+    one."""
+    truth = looks["label_map"] is not None  # a cohort without tumour masks: no ground-truth panel
+    n = len(looks["maps"]) + truth
+    figure, axes = plt.subplots(1, n, figsize=(size * n, size), squeeze=False)
+    if truth:
+        show_mask(axes[0, 0], looks["label_map"], names, title=f"{looks['slide_id']}: ground truth")
+    for ax, (name, out) in zip(axes[0, truth:], looks["maps"].items()):
+        show_heatmap(ax, looks["thumbnail"], out["grid"], out["values"], looks["thumb_mag"],
+                     title=f"{name}: P(tumour) = {out['probability']:.2f}")
+    figure.tight_layout()
+    return figure
+
+
 def show_source(obj):
     """The package's own source of ``obj``, highlighted, for notebooks that walk the real code."""
     import inspect

@@ -609,7 +609,7 @@ def test_score_bags_reports_keep_rate_and_the_recall_of_tumour_tiles_among_kept_
     metrics = experiment.score_bags(bags, predict, tumour)
     assert metrics["tumour_recall"] == pytest.approx(2 / 4)
     assert metrics["keep_rate"] == pytest.approx(np.mean([1 / 5, 1 / 6, 1 / 7, 1 / 8]))
-    assert metrics["auc"] == 1.0 and metrics["accuracy"] == 1.0
+    np.testing.assert_allclose(metrics["probability"], [0.4, 0.7, 0.4, 0.7])
     without_maps = experiment.score_bags(bags, predict)  # a cohort without label maps
     assert "tumour_recall" not in without_maps and without_maps["keep_rate"] == metrics["keep_rate"]
 
@@ -785,16 +785,17 @@ def test_mini_kd_train_fits_with_the_presets_config_and_schedule_as_the_notebook
 
 # -- the benchmark's JSON --------------------------------------------------------------------------
 def test_the_benchmark_json_has_the_issue_keys_and_computes_the_targets_from_the_rows():
-    runs = [{"split": r, "model": "dmin_all", "auc": 1.0, "accuracy": 1.0, "f1": 1.0} for r in range(2)]
-    runs += [{"split": r, "model": "ahdmil", "auc": 1.0, "accuracy": 1.0, "f1": 1.0,
-              "keep_rate": rate, "tumour_recall": recall} for r, (rate, recall) in enumerate([(0.2, 1.0), (0.1, 0.9)])]
     stages = dict.fromkeys(("tissue", "grid", "read_lr", "screen", "read", "encode", "dmin"), 0.0)
     timing = [{"model": "dmin_all", "slide_id": "a", "tiles_read": 100, "pixels_decoded": 10,
                **{**stages, "encode": 3.0, "read": 1.0}, "total": 4.0},
               {"model": "ahdmil", "slide_id": "a", "tiles_read": 20, "pixels_decoded": 2,
                **{**stages, "encode": 0.6, "read": 0.2, "screen": 0.2}, "total": 1.0}]
-    measured = Experiment("smoke", "cohort", [{"test": ["a"]}] * 2, experiment.MODELS,
-                          base="dmin_all", runs=runs, timing=timing, targets=experiment.targets)
+    measured = Experiment("smoke", "cohort", [{"test": ["a", "b"]}] * 2, experiment.MODELS,
+                          base="dmin_all", timing=timing, targets=experiment.targets)
+    for r, (rate, recall) in enumerate([(0.2, 1.0), (0.1, 0.9)]):
+        measured.record(r, "dmin_all", ["a", "b"], [0, 1], [0.2, 0.8])
+        measured.record(r, "ahdmil", ["a", "b"], [0, 1], [0.3, 0.9], keep_rate=rate,
+                        tumour_recall=recall)
     out = measured.to_json()
     assert set(JSON_KEYS) <= set(out["dmin_all"]) and set(JSON_KEYS) <= set(out["ahdmil"])
     assert {"keep_rate", "tumour_recall"} <= set(out["ahdmil"])

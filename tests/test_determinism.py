@@ -102,7 +102,7 @@ def test_lrmils_smoke_experiment_gives_bit_identical_predictions_twice(tiny_coho
                                                                       monkeypatch):
     first, saved = lrmil_run(fresh_cohort(tiny_cohort_folder, tmp_path / "a"), monkeypatch)
     again, saved_again = lrmil_run(fresh_cohort(tiny_cohort_folder, tmp_path / "b"), monkeypatch)
-    assert len(first) == 2 * 6 * 2  # per split: 6 models x 2 test slides
+    assert len(first) == 2 * 6 * 4  # per fold: 6 models x 4 test slides (8 slides, 2 folds)
     np.testing.assert_array_equal(first, again)
     saved, saved_again = saved["state"], saved_again["state"]  # methods.Trained.save's layout
     for part, states in (("encoder", lambda s: s["encoder"]), ("student", lambda s: s["student"]["state_dict"])):
@@ -136,9 +136,9 @@ def test_ahdmils_smoke_experiment_gives_bit_identical_predictions_twice(tiny_coh
                                                                        tmp_path, monkeypatch):
     first = ahdmil_run(fresh_cohort(tiny_cohort_folder, tmp_path / "a"), monkeypatch)
     again = ahdmil_run(fresh_cohort(tiny_cohort_folder, tmp_path / "b"), monkeypatch)
-    # per split: 7 models x 2 test slides, and DMIN's own mask on 2 validation slides (the gate
+    # per fold: 7 models x 4 test slides, and DMIN's own mask on 2 validation slides (the gate
     # rows of both screen rules)
-    assert len(first) == len(again) == 2 * (7 * 2 + 2 * 2)
+    assert len(first) == len(again) == 2 * (7 * 4 + 2 * 2)
     for (p, kept), (p_again, kept_again) in zip(first, again):
         np.testing.assert_array_equal(p, p_again)
         assert (kept is None and kept_again is None) or np.array_equal(kept, kept_again)

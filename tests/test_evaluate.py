@@ -13,7 +13,8 @@ from mini_kd import MiniKDError
 from mini_kd.inference import StageTimer
 from mini_kd.evaluate import (slide_metrics, bootstrap_ci, bootstrap_indices, class_balanced_weights,
                               classification_metrics, count_flops, format_mean_std, gflops,
-                              repeated_splits, summarize)
+                              kfold_splits, repeated_splits, summarize)
+from mini_kd.experiments import Experiment
 
 # six slides, two classes: one tumour slide is missed (P = 0.4) and one normal slide is called tumour
 Y_BINARY = [0, 0, 0, 1, 1, 1]
@@ -119,6 +120,39 @@ def test_repeated_splits_are_stratified_disjoint_and_repeatable():
 def test_repeated_splits_explain_a_cohort_too_small_to_stratify():
     with pytest.raises(MiniKDError, match="larger cohort"):
         repeated_splits(["a", "b", "c"], [0, 0, 1], n_splits=1, test_fraction=0.3)
+
+
+def test_kfold_splits_test_every_slide_once_with_validation_from_the_folds_own_training_part():
+    ids = [f"slide_{i:02d}" for i in range(24)]
+    labels = [i % 2 for i in range(24)]
+    folds = kfold_splits(ids, labels, k=4, seed=0)
+    assert folds == kfold_splits(ids, labels, k=4, seed=0) != kfold_splits(ids, labels, k=4, seed=1)
+    assert sorted(i for fold in folds for i in fold["test"]) == ids  # every slide tested once
+    for fold in folds:
+        assert sorted(fold["train"] + fold["val"] + fold["test"]) == ids
+        assert not set(fold["val"]) & set(fold["test"]) and not set(fold["train"]) & set(fold["val"])
+        assert len(fold["test"]) == 6 and len(fold["val"]) == 4
+        for part in fold.values():                           # both classes equally in every part
+            assert sum(labels[ids.index(i)] for i in part) == len(part) / 2
+    with pytest.raises(MiniKDError, match="at least k"):
+        kfold_splits(ids[:6], labels[:6], k=4)              # 3 slides per class, 4 folds
+
+
+def test_an_experiment_pools_out_of_fold_predictions_with_a_bootstrap_interval():
+    experiment = Experiment("smoke", "cohort", [{"test": list("abc")}, {"test": list("def")}],
+                            {"m": "a model"})
+    experiment.record(0, "m", ["a", "b", "c"], [0, 1, 1], [0.1, 0.9, 0.4])
+    experiment.record(1, "m", ["d", "e", "f"], [0, 0, 1], [0.6, 0.2, 0.8])
+    pooled = experiment.pooled()["m"]
+    assert pooled["n_slides"] == 6
+    assert pooled["auc"] == pytest.approx(roc_auc_score([0, 1, 1, 0, 0, 1], [0.1, 0.9, 0.4, 0.6, 0.2, 0.8]))
+    assert pooled["auc_ci"][0] <= pooled["auc"] <= pooled["auc_ci"][1] and pooled["auc_ci"][0] < 1
+    row = experiment.summary()[0]
+    assert row["auc_mean"] == pytest.approx(np.mean([1.0, 1.0]))  # each fold ranks its slides right
+    out = experiment.to_json()
+    assert out["m"]["auc"] == pytest.approx(pooled["auc"]) and out["m"]["auc_fold_mean"] == 1.0
+    assert len(out["predictions"]) == 6
+    assert experiment.table()[0]["auc"].startswith(f"{pooled['auc']:.3f} [")
 
 
 def test_stage_timer_adds_up_repeated_stages():

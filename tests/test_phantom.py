@@ -53,6 +53,23 @@ def test_tumour_is_small_and_only_in_tumour_slides_while_mimics_are_everywhere(c
             assert codes[TUMOUR] == 0
 
 
+def tumour_share(label_map: np.ndarray) -> float:
+    codes = np.bincount(label_map.ravel(), minlength=4)
+    return codes[TUMOUR] / codes[NORMAL:].sum()
+
+
+def test_tumour_fraction_draws_each_tumour_slides_share_from_its_range():
+    def shares(tumour_fraction):
+        return [tumour_share(phantom.make_label_map(np.random.default_rng([0, index]), 512, True,
+                                                    1.0, tumour_fraction)) for index in range(12)]
+
+    small = shares((0.002, 0.03))
+    assert 0.001 < min(small) and max(small) < 0.035 and max(small) / min(small) > 3
+    assert min(shares(None)) > 0.008  # the difficulty's own share: 1-5 % at difficulty 1
+    with pytest.raises(MiniKDError, match="tumour_fraction"):
+        make_cohort("unused", tumour_fraction=(0.03, 0.002))
+
+
 def test_same_seed_gives_the_same_slide_and_another_seed_does_not(cohort, tmp_path):
     slide_id, index = cohort.ids()[1], 1
     is_tumour = bool(cohort.labels([slide_id])[0])

@@ -206,6 +206,18 @@ def test_class_candidates_are_the_lattice_squares_that_one_class_fills(cohort, t
     assert [32, 0] not in corners.tolist() and [32, 32] in corners[classes == 0].tolist()
 
 
+def test_with_min_tumour_a_square_that_much_tumour_is_tumour_and_one_with_less_is_left_out(cohort,
+                                                                                          tmp_path):
+    label_map = np.ones((128, 128), np.uint8)
+    label_map[:16, :16] = 3  # tumour over level-0 [0, 64)², as above
+    edited = _cohort_with_label_map(cohort, tmp_path / "edited", label_map)
+    config, schedule = _setup(tmp_path, region_size=64, region_stride=32, min_tumour=0.3)
+    corners, classes = reskd.class_candidates(edited, edited.ids()[0], config, schedule)
+    # (0, 0) all tumour, (32, 0) and (0, 32) half: tumour; (32, 32) a quarter: left out
+    assert corners[classes == 2].tolist() == [[0, 0], [32, 0], [0, 32]]
+    assert [32, 32] not in corners.tolist() and (classes == 0).sum() == 15 * 15 - 4
+
+
 def test_the_slides_take_turns_so_a_rare_class_fills_its_quota_from_the_slides_that_hold_it(tmp_path):
     _, schedule = _setup(tmp_path, regions_per_class=3)
     corners = lambda n, x0: np.column_stack([np.arange(x0, x0 + n), np.zeros(n)]).astype(np.int64)

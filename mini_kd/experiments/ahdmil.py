@@ -1,9 +1,10 @@
-"""AHDMIL measured: the baselines, the ablation, step 2's gate per split, time per slide, kept tiles.
+"""AHDMIL measured: the baselines, the ablation, step 2's gate per fold, time per slide, kept tiles.
 
-:func:`run_experiment` runs :mod:`mini_kd.methods.ahdmil` on repeated stratified splits of a
-cohort (:func:`mini_kd.experiments.splits`; ``labels.csv``'s split column is not used) and adds
-what the paper compares it with. Per split, every model trains on the split's train slides, is
-selected on *its* validation slides and is scored on its test slides from the cached features:
+:func:`run_experiment` runs :mod:`mini_kd.methods.ahdmil` on K stratified folds of a cohort
+(:func:`mini_kd.experiments.folds`: every slide tested once; ``labels.csv``'s split column is not
+used) and adds what the paper compares it with. Per fold, every model trains on the fold's train
+slides, is selected on *its* validation slides and is scored on its test slides from the cached
+features:
 
 - ``abmil``: gated ABMIL (Ilse et al. 2018) on every 20x tile;
 - ``dmin_all`` / ``dmin_own_mask``: DMIN after step 1, pooling over every tile (its teacher path)
@@ -14,8 +15,8 @@ selected on *its* validation slides and is scored on its test slides from the ca
 - ``dmin_all_linear`` / ``dmin_own_mask_linear``: step 1 with linear heads instead of CKA.
 
 A model that keeps a subset also reports its mean ``keep_rate`` and, where the cohort has label
-maps, ``tumour_recall``: the fraction of the tiles that are mostly tumour that it keeps. Each split
-gets a row on step 2's keep-rate gate per screen rule (:func:`gate_row`). On split 0 the AHDMIL
+maps, ``tumour_recall``: the fraction of the tiles that are mostly tumour that it keeps. Each fold
+gets a row on step 2's keep-rate gate per screen rule (:func:`gate_row`). On fold 0 the AHDMIL
 checkpoint is saved, DMIN on every tile and AHDMIL are timed end to end from the slide files
 (:func:`mini_kd.experiments.time_pipelines`, order shuffled per slide), and one tumour slide's
 kept tiles are kept for a figure (``models["kept"]``). The targets: AHDMIL at least 2x faster than
@@ -39,8 +40,7 @@ import numpy as np
 import torch
 
 from mini_kd import mil, presets
-from mini_kd.evaluate import classification_metrics
-from mini_kd.experiments import Experiment, splits, time_pipelines
+from mini_kd.experiments import Experiment, folds, results_path, time_pipelines
 from mini_kd.features import cohort_grids
 from mini_kd.methods import ahdmil
 from mini_kd.mil import ABMIL
@@ -49,12 +49,12 @@ from mini_kd.progress import progress
 from mini_kd.runtime import torch_threads
 from mini_kd.train import FitConfig
 
-# What the experiment spends per preset besides the method's schedule: repeated splits, test
-# slides of split 0 timed from the slide files, and the ABMIL baseline's epochs.
+# What the experiment spends per preset besides the method's schedule: folds, test slides of
+# fold 0 timed from the slide files, and the ABMIL baseline's epochs.
 BUDGET = {
-    "smoke": dict(n_splits=2, timing_slides=2, abmil_epochs=4),
-    "book": dict(n_splits=3, timing_slides=5, abmil_epochs=15),
-    "gpu": dict(n_splits=5, timing_slides=10, abmil_epochs=50),
+    "smoke": dict(n_folds=2, timing_slides=2, abmil_epochs=4),
+    "book": dict(n_folds=4, timing_slides=5, abmil_epochs=15),
+    "gpu": dict(n_folds=5, timing_slides=10, abmil_epochs=50),
 }
 ABMIL_HIDDEN, ABMIL_LR = 128, 2e-4
 
@@ -73,9 +73,10 @@ def run_experiment(preset: str = "book", cohort=None, config: ahdmil.Config | No
                    schedule: ahdmil.Schedule | None = None, timing: bool = True,
                    checkpoint_path=None) -> Experiment:
     """Every model of the comparison on ``cohort`` (default :func:`mini_kd.presets.cohort`) over
-    the preset's repeated splits; see the module docstring. ``config`` and ``schedule`` default to
+    the preset's folds; see the module docstring. ``config`` and ``schedule`` default to
     the preset's; ``timing=False`` skips the slide files."""
     start = time.perf_counter()
+    own_run = all(x is None for x in (config, schedule, checkpoint_path)) and timing
     cohort = cohort or presets.cohort(preset)
     config = config or presets.config("ahdmil", preset)
     schedule = schedule or presets.schedule("ahdmil", preset)
@@ -84,11 +85,11 @@ def run_experiment(preset: str = "book", cohort=None, config: ahdmil.Config | No
         encoder = ahdmil.build_encoder(config.encoder).eval()
         bags = ahdmil.build_bags(cohort, cohort.ids(), config, encoder, schedule.device)
         tumour = tumour_tiles(cohort, config)
-        drawn = splits(cohort, budget["n_splits"], schedule.seed)
+        drawn = folds(cohort, budget["n_folds"], schedule.seed)
         experiment = Experiment(preset, str(cohort.root), drawn, MODELS, base="dmin_all",
                                 targets=targets)
         gates = []
-        for r, split in enumerate(progress(drawn, desc="splits")):
+        for r, split in enumerate(progress(drawn, desc="folds")):
             train, val, test = ([bags[s] for s in split[part]] for part in ("train", "val", "test"))
             abmil, _ = train_abmil(train, val, config, schedule, budget["abmil_epochs"])
             dmin, step1 = ahdmil.train_step1(train, val, config, schedule)
@@ -106,8 +107,9 @@ def run_experiment(preset: str = "book", cohort=None, config: ahdmil.Config | No
                           "dmin_all_linear": predict_dmin_all(linear),
                           "dmin_own_mask_linear": predict_dmin_own_mask(linear, config.min_keep)}
             for name, predict in predictors.items():
-                experiment.runs.append({"split": r, "model": name,
-                                        **score_bags(test, predict, tumour)})
+                scores = score_bags(test, predict, tumour)
+                experiment.record(r, name, split["test"], [bag.label for bag in test],
+                                  scores.pop("probability"), **scores)
             gates += [gate_row(r, name, *steps2[name][1:], val, dmin, rule)
                       for name, rule in screens.items()]
             if r == 0:
@@ -129,6 +131,8 @@ def run_experiment(preset: str = "book", cohort=None, config: ahdmil.Config | No
                                                         config.min_keep)}
         experiment.extras["step2_gate_by_split"] = gates
     experiment.seconds = time.perf_counter() - start
+    if own_run:  # the preset's own run, kept for the side-by-side comparison to gather
+        experiment.save_json(results_path(cohort, "ahdmil", preset))
     return experiment
 
 
@@ -167,9 +171,10 @@ def train_abmil(train: list, val: list, config: ahdmil.Config, schedule: ahdmil.
 # -- scoring on cached features ---------------------------------------------------------------------
 @torch.no_grad()
 def score_bags(bags: list, predict, tumour: dict | None = None) -> dict:
-    """Metrics of ``predict(bag) -> (P(classes) (C,), kept (N,) bool or None)`` over ``bags``:
-    AUC / accuracy / weighted F1, and for a model that keeps a subset the mean keep rate and, with
-    ``tumour`` ({slide_id: bool (N,)}), the recall of tumour tiles among the kept ones (pooled)."""
+    """``predict(bag) -> (P(classes) (C,), kept (N,) bool or None)`` over ``bags``: each bag's
+    ``probability`` of class 1 (S,), and for a model that keeps a subset the mean keep rate and,
+    with ``tumour`` ({slide_id: bool (N,)}), the recall of tumour tiles among the kept ones
+    (pooled)."""
     probs, rates, kept_tumour, all_tumour = [], [], 0, 0
     for bag in bags:
         p, kept = predict(bag)
@@ -181,8 +186,7 @@ def score_bags(bags: list, predict, tumour: dict | None = None) -> dict:
         if tumour is not None:
             kept_tumour += int((kept & tumour[bag.slide_id]).sum())
             all_tumour += int(tumour[bag.slide_id].sum())
-    metrics = classification_metrics([bag.label for bag in bags], np.stack(probs))
-    metrics = {k: metrics[k] for k in ("auc", "accuracy", "f1")}
+    metrics = {"probability": np.stack(probs)[:, 1]}
     if rates:
         metrics["keep_rate"] = float(np.mean(rates))
         if tumour is not None:

@@ -1,10 +1,10 @@
-"""LRMIL measured: the baselines, the stage-2 sweep per split, time per slide, attention maps.
+"""LRMIL measured: the baselines, the stage-2 sweep per fold, time per slide, attention maps.
 
-:func:`run_experiment` runs the steps of :mod:`mini_kd.methods.lrmil` on repeated stratified
-splits of a cohort (:func:`mini_kd.experiments.splits`; ``labels.csv``'s split column is not used)
-and adds what the paper compares it with. Per split, every model trains on the split's train
-slides, is selected on *its* validation slides and is scored on its test slides from the cached
-features:
+:func:`run_experiment` runs the steps of :mod:`mini_kd.methods.lrmil` on K stratified folds of a
+cohort (:func:`mini_kd.experiments.folds`: every slide tested once; ``labels.csv``'s split column
+is not used) and adds what the paper compares it with. Per fold, every model trains on the fold's
+train slides, is selected on *its* validation slides and is scored on its test slides from the
+cached features:
 
 - ``hr_abmil``: the HR teacher (ABMIL on every 20x tile), and ``hr_abmil_torchmil``, torchmil's
   ABMIL on the same features and split: a cross-check that ours learned what a standard library
@@ -14,14 +14,14 @@ features:
   with slide-level KD;
 - ``lrmil``: both stages.
 
-Stage 1 is cached on disk per split (:func:`distil_encoder`). The λ's and temperatures of stage 2
-are chosen per split by :func:`sweep_stage2` -- fit on the split's train slides, scored on its
-validation slides -- and the winner trains that split's stage-2 students. On split 0 the LRMIL
+Stage 1 is cached on disk per fold (:func:`distil_encoder`). The λ's and temperatures of stage 2
+are chosen per fold by :func:`sweep_stage2` -- fit on the fold's train slides, scored on its
+validation slides -- and the winner trains that fold's stage-2 students. On fold 0 the LRMIL
 checkpoint is saved, HR ABMIL, LR ABMIL and LRMIL are timed end to end from the slide files
 (:func:`mini_kd.experiments.time_pipelines`, order shuffled per slide), and their attention on one
 test tumour slide is kept for a figure (``models["heatmap"]``). The targets (:func:`targets`).
 
-The experiment's budget per preset (:data:`BUDGET`: splits, timed slides, the sweep's grid) is
+The experiment's budget per preset (:data:`BUDGET`: folds, timed slides, the sweep's grid) is
 here; the training schedules are :data:`mini_kd.presets.SCHEDULES`. The MIL models train on one
 torch thread on the CPU (:func:`mini_kd.mil.train_abmil`).
 """
@@ -39,26 +39,22 @@ import torch.nn.functional as F
 
 from mini_kd import presets
 from mini_kd.encoders import build_encoder, copy_encoder, fingerprint
-from mini_kd.evaluate import classification_metrics
-from mini_kd.experiments import Experiment, splits, time_pipelines
+from mini_kd.experiments import (Experiment, folds, results_path, time_pipelines,
+                                  where_it_looks)
 from mini_kd.features import cohort_features, cohort_grids
 from mini_kd.methods import lrmil
 from mini_kd.mil import abmil_predictor, bag_probabilities, bag_validation, make_bags, train_abmil
-from mini_kd.phantom import TUMOUR
 from mini_kd.progress import progress
 from mini_kd.runtime import seed_everything
-from mini_kd.slides import open_slide
-from mini_kd.tiling import MASK_MAG
 from mini_kd.train import read_checkpoint, write_checkpoint
 
-# What the experiment spends per preset besides the method's schedule: repeated splits, test
-# slides of split 0 timed from the slide files, and the grid of the stage-2 sweep.
+# What the experiment spends per preset besides the method's schedule: folds, test slides of
+# fold 0 timed from the slide files, and the grid of the stage-2 sweep.
 BUDGET = {
-    "smoke": dict(n_splits=2, timing_slides=1, sweep=dict(lambda_soft=(0.0, 1.0))),
-    "book": dict(n_splits=3, timing_slides=4,
-                 sweep=dict(lambda_bag=(0.0, 1.0), lambda_soft=(0.0, 1.0), T_b=(1.0, 2.0),
-                            T_a=(1.0, 4.0))),
-    "gpu": dict(n_splits=5, timing_slides=10,
+    "smoke": dict(n_folds=2, timing_slides=1, sweep=dict(lambda_soft=(0.0, 1.0))),
+    "book": dict(n_folds=4, timing_slides=4,
+                 sweep=dict(lambda_bag=(0.0, 1.0), lambda_soft=(0.0, 1.0))),
+    "gpu": dict(n_folds=5, timing_slides=10,
                 sweep=dict(lambda_bag=(0.0, 0.5, 1.0), lambda_soft=(0.0, 0.5, 1.0),
                            lambda_hard=(0.0, 0.5, 1.0), T_b=(1.0, 2.0, 4.0), T_a=(1.0, 2.0, 4.0))),
 }
@@ -81,14 +77,15 @@ def run_experiment(preset: str = "book", cohort=None, config: lrmil.Config | Non
                    schedule: lrmil.Schedule | None = None, sweep: bool = True,
                    timing: bool = True, checkpoint_path=None) -> Experiment:
     """Every model of the comparison on ``cohort`` (default :func:`mini_kd.presets.cohort`) over
-    the preset's repeated splits; see the module docstring. ``config`` defaults to
+    the preset's folds; see the module docstring. ``config`` defaults to
     :func:`mini_kd.presets.config`, ``schedule`` to the preset's; without ``sweep`` the config's stage-2
     values train the students; ``timing=False`` skips the slide files."""
     start = time.perf_counter()
+    own_run = all(x is None for x in (config, schedule, checkpoint_path)) and sweep and timing
     budget = BUDGET[presets.check_preset(preset)]
     cohort = cohort or presets.cohort(preset)
     config = config or presets.config("lrmil", preset)
-    # each split trains many models: none resumes from another's epoch checkpoints
+    # each fold trains many models: none resumes from another's epoch checkpoints
     schedule = replace(schedule or presets.schedule("lrmil", preset), checkpoint_dir=None)
     ids = cohort.ids()
     labels = dict(zip(ids, cohort.labels(ids).tolist()))
@@ -97,11 +94,11 @@ def run_experiment(preset: str = "book", cohort=None, config: lrmil.Config | Non
     hr_encoder = build_encoder(config.encoder).eval()
     hr_features = cohort_features(cohort, hr_grids, hr_encoder, device=schedule.device)
     lr_plain = cohort_features(cohort, lr_grids, hr_encoder, device=schedule.device)  # no KD
-    drawn = splits(cohort, budget["n_splits"], schedule.seed)
+    drawn = folds(cohort, budget["n_folds"], schedule.seed)
     experiment = Experiment(preset, str(cohort.root), drawn, MODELS, base="hr_abmil",
                             timed_as=TIMED_AS, targets=targets)
     extras = experiment.extras = {"stage1": [], "sweep": [], "stage2_setting": []}
-    for r, split in enumerate(progress(drawn, desc="splits")):
+    for r, split in enumerate(progress(drawn, desc="folds")):
         teacher_model = lrmil.train_teacher(hr_features, labels, split, config, schedule)
         teacher = lrmil.teacher_outputs(teacher_model, hr_features, split["train"])
         guides = lrmil.teacher_guides(teacher, hr_grids, lr_grids, split["train"], config)
@@ -109,8 +106,8 @@ def run_experiment(preset: str = "book", cohort=None, config: lrmil.Config | Non
                                              teacher, hr_encoder, config, schedule)
         extras["stage1"] += [{"split": r, **row} for row in history]
         lr_distilled = cohort_features(cohort, lr_grids, lr_encoder, device=schedule.device)
-        stage2 = config  # the stage-2 students' settings: this split's sweep winner, if it ran
-        if sweep:  # on this split's own train (fit) and validation (choice) slides only
+        stage2 = config  # the stage-2 students' settings: this fold's sweep winner, if it ran
+        if sweep:  # on this fold's own train (fit) and validation (choice) slides only
             rows = sweep_stage2(lr_distilled, labels, split, teacher, guides, config, schedule,
                                 budget["sweep"])
             extras["sweep"] += [{"split": r, **row} for row in rows]
@@ -130,10 +127,8 @@ def run_experiment(preset: str = "book", cohort=None, config: lrmil.Config | Non
                       lr_distilled),
         }
         for name, (model, features) in models.items():
-            probs = bag_probabilities(model, make_bags(features, labels, split["test"]))
-            metrics = classification_metrics([labels[s] for s in split["test"]], probs)
-            experiment.runs.append({"split": r, "model": name,
-                                    **{k: metrics[k] for k in ("auc", "accuracy", "f1")}})
+            experiment.record(r, name, split["test"], [labels[s] for s in split["test"]],
+                              bag_probabilities(model, make_bags(features, labels, split["test"])))
         if r == 0:
             trained = lrmil.Trained(stage2, lr_encoder, models["lrmil"][0])
             experiment.checkpoint = trained.save(
@@ -150,10 +145,12 @@ def run_experiment(preset: str = "book", cohort=None, config: lrmil.Config | Non
                 experiment.timing = time_pipelines({s: cohort.slide_path(s) for s in timed},
                                                    predictors, schedule.seed)
             experiment.models = {"lrmil": trained, "hr_abmil": teacher_model,
-                                 "heatmap": heatmap(cohort, split["test"], labels, predictors)}
+                                 "heatmap": where_it_looks(cohort, split["test"], labels, predictors)}
     extras["sweep_best"] = [next(row for row in extras["sweep"] if row["split"] == r)
                             for r in dict.fromkeys(row["split"] for row in extras["sweep"])]
     experiment.seconds = time.perf_counter() - start
+    if own_run:  # the preset's own run, kept for the side-by-side comparison to gather
+        experiment.save_json(results_path(cohort, "lrmil", preset))
     return experiment
 
 
@@ -217,24 +214,7 @@ def train_torchmil_abmil(hr_features, labels: dict, split: dict, config: lrmil.C
     return model.cpu()
 
 
-# -- the figure's slide and the targets -------------------------------------------------------------
-def heatmap(cohort, test_ids, labels: dict, predictors: dict) -> dict:
-    """Attention of each predictor on the test tumour slide with the most tumour (the first test
-    tumour slide, and ``label_map`` None, for a cohort without label maps)."""
-    tumour_ids = [s for s in test_ids if labels[s] == 1] or list(test_ids)
-    slide_id = tumour_ids[0]
-    if cohort.has_label_maps:
-        slide_id = max(tumour_ids, key=lambda s: (cohort.label_map(s)[0] == TUMOUR).sum())
-    path = cohort.slide_path(slide_id)
-    predictions = {name: predict(path) for name, predict in predictors.items()}
-    with open_slide(path) as slide:
-        thumbnail = slide.thumbnail(MASK_MAG)
-    return {"slide_id": slide_id, "thumbnail": thumbnail, "thumb_mag": MASK_MAG,
-            "label_map": cohort.label_map(slide_id)[0] if cohort.has_label_maps else None,
-            "maps": {name: {"grid": p.details["grid"], "attention": p.details["attention"],
-                            "probability": p.probability} for name, p in predictions.items()}}
-
-
+# -- the targets -------------------------------------------------------------------------------------
 def targets(out: dict) -> dict:
     """The paper's claims on our cohort, from :meth:`Experiment.to_json`'s entries: LRMIL's read +
     encode + MIL at least 12x faster per slide than HR ABMIL's (when timed), its AUC at least 98 %

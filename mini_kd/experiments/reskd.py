@@ -23,6 +23,10 @@ when that has no train, val or test slide; all selection uses that split's valid
 Every network is checkpointed after every epoch under ``$MINI_KD_DATA/reskd/<preset>-<hash>``: a
 second call with the same settings resumes or reloads instead of training again. Torch runs on
 one thread on the CPU (:func:`mini_kd.runtime.torch_threads`).
+
+:func:`slide_classifiers` trains the side-by-side benchmark's two ResKD rows on one fold -- the
+teacher at 20x and the ÷4 KD student at 5x, each a slide classifier -- on a shorter schedule
+(:data:`FOLD_SCHEDULE`), and loads them from disk when that fold was trained before.
 """
 
 from __future__ import annotations
@@ -36,15 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mini_kd import presets
+from mini_kd import methods, presets
 from mini_kd.data import region_views
 from mini_kd.encoders import TinyResNetGN
-from mini_kd.evaluate import (
-    bootstrap_ci,
-    classification_metrics,
-    count_flops,
-    slide_metrics,
-)
+from mini_kd.evaluate import bootstrap_ci, classification_metrics, count_flops
 from mini_kd.experiments import Experiment, splits, time_pipelines
 from mini_kd.inference import StageTimer
 from mini_kd.methods import reskd
@@ -60,11 +59,12 @@ UNLABELED_SEED = 1  # seed of the second phantom cohort that holds the unlabeled
 
 def run_experiment(preset: str = "book", cohort=None, config: reskd.Config | None = None,
                    schedule: reskd.Schedule | None = None, view_source: str = "pyramid") -> Experiment:
-    """The ResKD experiment of ``preset`` on ``cohort`` (default :func:`mini_kd.presets.cohort`);
+    """The ResKD experiment of ``preset`` on ``cohort`` (default :func:`mini_kd.presets.cohort`
+    with ``regions``: the phantom with foci large enough for labelled regions);
     ``config`` and ``schedule`` default to the preset's, ``view_source`` is where the LR views
     of training come from (the other source is scored too). See the module docstring."""
     start = time.perf_counter()
-    cohort = cohort or presets.cohort(preset)
+    cohort = cohort or presets.cohort(preset, regions=True)
     config = config or presets.config("reskd", preset)
     schedule = schedule or presets.schedule("reskd", preset)
     if schedule.checkpoint_dir is None:
@@ -75,7 +75,7 @@ def run_experiment(preset: str = "book", cohort=None, config: reskd.Config | Non
         study = _Study(preset, cohort, split, config, schedule, view_source)
         region_scores, models = study.students()
         unlabeled = study.unlabeled_curve()
-        runs, timing = study.slides(models)
+        probabilities, timing = study.slides(models)
     descriptions = {"teacher": f"teacher at {config.hr_mag:g}x (L_CE)"}
     for factor in schedule.factors:
         mag = f"{config.hr_mag / factor:g}x"
@@ -87,11 +87,15 @@ def run_experiment(preset: str = "book", cohort=None, config: reskd.Config | Non
               "regions": study.counts, "region_scores": region_scores, "unlabeled": unlabeled,
               "view_sources": study.view_sources,
               "flop_reduction_by_region_size": flop_reductions(), "seconds_by_step": study.timer.seconds}
-    return Experiment(preset=preset, cohort=str(cohort.root), splits=[split],
-                      descriptions=descriptions, base="teacher", runs=runs, timing=timing,
-                      timed_as={f"ce_x{n}": f"kd_x{n}" for n in schedule.factors}, extras=extras,
-                      models=models, checkpoint=checkpoint, seconds=time.perf_counter() - start,
-                      targets=lambda _: check_targets(region_scores))
+    experiment = Experiment(preset=preset, cohort=str(cohort.root), splits=[split],
+                            descriptions=descriptions, base="teacher", timing=timing,
+                            timed_as={f"ce_x{n}": f"kd_x{n}" for n in schedule.factors},
+                            extras=extras, models=models, checkpoint=checkpoint,
+                            seconds=time.perf_counter() - start,
+                            targets=lambda _: check_targets(region_scores))
+    for name, probability in probabilities.items():
+        experiment.record(0, name, split["test"], cohort.labels(split["test"]), probability)
+    return experiment
 
 
 class _Study:
@@ -234,9 +238,9 @@ class _Study:
 
         return _cached_regions(key, build)
 
-    def slides(self, models: dict) -> tuple[list[dict], list[dict]]:
-        """Slide-level test metrics of every network (one row per model) and the seconds per
-        slide and stage of the teacher's and the KD students' pipelines."""
+    def slides(self, models: dict) -> tuple[dict, list[dict]]:
+        """Every network's P(tumour) of each test slide (``{model: [p, ...]}``, in the split's
+        order) and the seconds per slide and stage of the teacher's and KD students' pipelines."""
         ids = self.split["test"]
         paths = {slide_id: self.cohort.slide_path(slide_id) for slide_id in ids}
         probability = {name: {} for name in models}
@@ -255,11 +259,8 @@ class _Study:
             for name in progress([n for n in models if n not in timed], desc="CE students on slides"):
                 for path in paths.values():
                     recorded(name)(path)
-        labels = self.cohort.labels(ids)
-        runs = [{"split": 0, "model": name,
-                 **slide_metrics(labels, [probability[name][Path(paths[i]).stem] for i in ids],
-                                 seed=self.schedule.seed)} for name in models]
-        return runs, timing
+        return {name: [probability[name][Path(paths[i]).stem] for i in ids]
+                for name in models}, timing
 
 
 def _split(cohort, seed: int) -> dict:
@@ -279,9 +280,63 @@ def unlabeled_cohort(preset: str, schedule: reskd.Schedule):
 
     n_slides = max(schedule.unlabeled_slides)
     # the phantom needs at least 6 slides (its stratified split)
-    settings = {**presets.COHORTS[preset], "n_slides": max(n_slides, 6), "seed": UNLABELED_SEED}
+    settings = {**presets.REGION_COHORTS[preset], "n_slides": max(n_slides, 6), "seed": UNLABELED_SEED}
     root = data_dir() / "phantom" / f"{preset}-unlabeled-seed{UNLABELED_SEED}-{n_slides}"
     return ensure_cohort(root, **settings)
+
+
+# -- slide classifiers per fold (the side-by-side benchmark) --------------------------------------
+# The side-by-side benchmark (mini_kd.experiments.compare) trains ResKD on every fold of K folds,
+# four folds per cohort within one notebook: these override the preset's Schedule so that one book
+# fold (48 slides) trains in about 90 s on 2 CPU cores (80-82 s measured on either book cohort, the
+# cores shared with other work). 256-px regions keep the ÷4 student's last map at 2 x 2 (128 px
+# would leave it 1 x 1); one view, 32 regions per class and split, a 3-epoch teacher and an
+# 8-epoch student (the book preset's longer ÷4 schedule dropped). The gpu preset keeps its own.
+FOLD_SCHEDULE = {
+    "smoke": dict(region_size=256, region_stride=128, regions_per_class=6, n_views=1,
+                  teacher_epochs=1, epochs=1, batch_size=8),
+    "book": dict(region_size=256, region_stride=64, regions_per_class=32, n_views=1,
+                 teacher_epochs=3, epochs=8, epochs_by_factor={}, batch_size=4),
+}
+# The benchmark's phantom holds micro-metastases (0.1-2 % of the tissue, most smaller than a
+# 256-px region): no region is even a quarter tumour, so min_tumour = 0.05 makes a region holding
+# at least 5 % tumour a tumour region (deviation 8 of mini_kd.methods.reskd; such regions lie on
+# 17 of 19 tumour slides of fold 0's training slides). P(slide) = the mean of the top_k region
+# P(tumour) with k = 1, the maximum: a tumour slide holds one region or none that is half tumour
+# (phantom; real tissue: a median of one), and a larger k averages it with normal tissue.
+FOLD_CONFIG = {"top_k": 1, "min_tumour": 0.05}
+FOLD_MODELS = ("reskd_teacher", "reskd_student")
+
+
+def slide_classifiers(cohort, split: dict, preset: str) -> dict[str, reskd.Trained]:
+    """``{"reskd_teacher": ..., "reskd_student": ...}`` of one fold: ``reskd.fit`` on
+    ``split["train"]`` (selected on ``split["val"]``; ``split["test"]`` is not read) with the
+    preset's config and schedule, :data:`FOLD_CONFIG` and :data:`FOLD_SCHEDULE` on top.
+    The teacher (factor 1, at hr_mag) and the ÷``factor`` KD student are each a slide classifier
+    (:meth:`~mini_kd.methods.reskd.Trained.predictor`: P(slide) = top-k mean region P(tumour)).
+
+    Both are saved under ``$MINI_KD_DATA/reskd/<preset>-<hash>/``, the hash of the cohort (its
+    folder and ``cohort.json``), the train and val ids, the config, the schedule and the phantom
+    generator's version: a second call with the same arguments loads them and trains nothing.
+    """
+    config = presets.config("reskd", preset, **FOLD_CONFIG)
+    schedule = replace(presets.schedule("reskd", preset), **FOLD_SCHEDULE.get(preset, {}))
+    root = _checkpoint_root(preset, cohort, config, schedule, "folds", split["train"], split["val"],
+                            _cohort_settings(cohort))
+    paths = {name: root / f"{name}.pt" for name in FOLD_MODELS}
+    if not all(path.is_file() for path in paths.values()):
+        with torch_threads(1, schedule.device):
+            trained = reskd.fit(cohort, split, config, schedule, return_teacher=True)
+        for model, path in zip(trained, paths.values()):
+            model.save(path)
+    return {name: methods.load(path, "reskd") for name, path in paths.items()}
+
+
+def _cohort_settings(cohort) -> str | None:
+    """``cohort.json`` of a generated cohort (phantom, real tissue), or None for a user's folder:
+    a cohort made again in the same folder with other settings never reuses old checkpoints."""
+    path = Path(cohort.root) / "cohort.json"
+    return path.read_text() if path.is_file() else None
 
 
 # -- caches ----------------------------------------------------------------------------------------
@@ -294,9 +349,10 @@ def _cache_key(*parts) -> str:
                                      default=str).encode()).hexdigest()[:12]
 
 
-def _checkpoint_root(preset, cohort, config, schedule, view_source) -> Path:
+def _checkpoint_root(preset, cohort, config, schedule, *parts) -> Path:
+    """$MINI_KD_DATA/reskd/<preset>-<hash of the cohort's folder, config, schedule and ``parts``>."""
     settings = {k: v for k, v in asdict(schedule).items() if k not in ("device", "checkpoint_dir")}
-    key = _cache_key(str(cohort.root), asdict(config), settings, view_source)
+    key = _cache_key(str(cohort.root), asdict(config), settings, *parts)
     return data_dir() / "reskd" / f"{preset}-{key}"
 
 

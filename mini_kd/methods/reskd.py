@@ -32,15 +32,13 @@ slide at 20x / N, P(slide) = the mean of the ``top_k`` largest region P(tumour).
 
 **Deviations from the authors' code** (which does not run as published; see the paper notes):
 
-1. Inputs are fixed-size regions (their size a budget, in :class:`Schedule`), not whole images
-   of varying size, so the presets train on batches. The paper's one image with 32 gradients
-   accumulated (the :class:`Schedule` defaults) gives the same gradients: GroupNorm normalises
-   each image alone and both losses are batch means (tested).
-2. g averages max-pooling and bicubic resizing, as the authors meant; their code's ``elif``
-   uses max-pooling only (fixed in :func:`mini_kd.kd.feature_map_loss`).
+1. Inputs are fixed-size regions (a budget, in :class:`Schedule`), not whole images of varying
+   size, so the presets train on batches; the paper's one image with 32 gradients accumulated
+   (the defaults) gives the same: GroupNorm normalises each image alone, losses are means (tested).
+2. g averages max-pooling and bicubic resizing, as meant; the authors' ``elif`` max-pools only.
 3. Augmentation (flips and colour jitter, drawn once for the HR image and all its LR views)
-   makes ``n_views`` copies of every region up front, and the frozen teacher's outputs on them
-   are computed once (:func:`teacher_targets`); the paper draws fresh ones every epoch.
+   makes ``n_views`` copies of every region up front, the frozen teacher's outputs on them
+   computed once (:func:`teacher_targets`); the paper draws fresh ones every epoch.
 4. ImageNet normalisation (:func:`mini_kd.data.to_tensor`), not per-dataset statistics.
 5. Selection: the teacher and CE students keep the epoch of best validation balanced accuracy,
    the KD student that of lowest validation L_KD (selected without a label too). Not stated.
@@ -48,8 +46,9 @@ slide at 20x / N, P(slide) = the mean of the ``top_k`` largest region P(tumour).
    students (``epochs_by_factor``); the KD and CE students of a factor train equally long.
 7. LR views are read from the slide pyramid, as the predictor reads them (the paper does not
    say how it made them; the experiment also scores software-resized views).
-8. Ours: a cohort without label maps gives *weak* region labels -- every tissue region takes its
-   slide's label, two classes (normal, tumour) -- and the slide predictor's top-k pooling.
+8. Ours: weak region labels without label maps (every tissue region takes its slide's label:
+   normal or tumour); the slide predictor's top-k pooling; ``min_tumour``: a region that much
+   tumour is tumour (one with less, but some, is left out), for foci smaller than a region.
 """
 
 from __future__ import annotations
@@ -89,6 +88,7 @@ class Config:
     hr_mag: float = 20.0             # the teacher's magnification (the phantom's level 0)
     factor: int = 4                  # the student sees hr_mag / factor (4: 5x)
     purity: float = 0.6              # a labeled region's class covers at least this fraction of it
+    min_tumour: float | None = None  # deviation 8: a region this much tumour is tumour (None: off)
     min_tissue: float = 0.5          # tissue fraction of every weakly labeled or predicted region
     # the losses (paper: T = 1, L2, "maxpool+bicubic")
     temperature: float = 1.0
@@ -100,9 +100,8 @@ class Config:
     # augmentation (paper: random flips + ColorJitter(0.5, 0.5, 0.5, 0.2), the same on both views)
     flips: bool = True
     jitter: tuple[float, float, float, float] | None = (0.5, 0.5, 0.5, 0.2)
-    # the slide predictor: P(slide) = mean of the top_k region P(tumour). k = 1 (the max): a
-    # micro-metastasis covers one or two regions at 5x, and any larger k averages it with normal
-    # tissue; the price is that one false-positive region makes a slide positive
+    # the slide predictor: P(slide) = mean of the top_k region P(tumour). k = 1 (the max): a larger
+    # k dilutes a one-region micro-metastasis; the price: one false-positive region flags a slide
     top_k: int = 1
 
     def __post_init__(self):
@@ -213,7 +212,7 @@ def labeled_regions(cohort, slide_ids, config: Config, schedule: Schedule, facto
 
 def class_candidates(cohort, slide_id: str, config: Config, schedule: Schedule):
     """Level-0 corners (n, 2) and classes (n,) of one slide's class-pure squares: corners on the
-    ``region_stride`` lattice, label code c + 1 (normal 1, mimic 2, tumour 3) over ``purity``."""
+    ``region_stride`` lattice, label code c + 1 over ``purity`` (or tumour over ``min_tumour``)."""
     with open_slide(cohort.slide_path(slide_id)) as slide:
         footprint = slide.footprint(schedule.region_size, config.hr_mag)
         step = slide.footprint(schedule.region_stride, config.hr_mag)
@@ -223,6 +222,9 @@ def class_candidates(cohort, slide_id: str, config: Config, schedule: Schedule):
     fractions = cohort.tile_fractions(slide_id, corners, footprint)  # (n, 4) per label code
     code = 1 + fractions[:, 1:].argmax(axis=1)  # (n,) dominant tissue code
     pure = fractions[np.arange(len(code)), code] >= config.purity
+    if config.min_tumour is not None:
+        tumour = fractions[:, 3] >= config.min_tumour  # (n,) label code 3: tumour (deviation 8)
+        code, pure = np.where(tumour, 3, code), tumour | (pure & (fractions[:, 3] == 0))
     return corners[pure], code[pure] - 1
 
 
@@ -331,9 +333,8 @@ def kd_step(student: nn.Module, batch, config: Config) -> tuple[torch.Tensor, di
 def epochs_of(schedule: Schedule, factor: int) -> int:
     """Epochs at ÷``factor``: ``teacher_epochs`` for the teacher (1), else ``epochs_by_factor``'s
     or ``epochs`` (the KD and CE students of a factor train equally long)."""
-    if factor == 1:
-        return schedule.teacher_epochs
-    return schedule.epochs_by_factor.get(factor, schedule.epochs)
+    by_factor = schedule.epochs_by_factor.get(factor, schedule.epochs)
+    return schedule.teacher_epochs if factor == 1 else by_factor
 
 
 def _fit_config(config: Config, schedule: Schedule, factor: int, monitor: str, mode: str,
@@ -433,10 +434,11 @@ def distill(regions: Regions, targets: TeacherTargets, factor: int, config: Conf
     return student, history
 
 
-def fit(cohort, split: dict, config: Config | None = None, schedule: Schedule | None = None):
-    """The :class:`Trained` student: the teacher on the ``split["train"]`` slides' regions at
-    hr_mag (L_CE, selected on ``split["val"]``'s), frozen; then the student at hr_mag / ``factor``
-    on the same regions' LR views (L_KD, no label). Weak region labels without label maps."""
+def fit(cohort, split: dict, config: Config | None = None, schedule: Schedule | None = None,
+        return_teacher: bool = False):
+    """The :class:`Trained` student (``return_teacher``: ``(teacher, student)``, the teacher of
+    factor 1): the teacher on ``split["train"]``'s regions at hr_mag (L_CE, selected on
+    ``split["val"]``'s), frozen; then the student on their LR views at hr_mag / N (L_KD, no label)."""
     config, schedule = config or Config(), schedule or Schedule()
     check_input_size(schedule.region_size, config.factor)
     classes = classes_of(cohort)
@@ -444,10 +446,11 @@ def fit(cohort, split: dict, config: Config | None = None, schedule: Schedule | 
                   for name in ("train", "val"))
     bank = augment(train, config, schedule)
     teacher, _ = train_ce(bank, 1, config, schedule, val=val, n_classes=len(classes))
-    targets = teacher_targets(teacher, bank.views[1], schedule.device)
-    val_targets = teacher_targets(teacher, val.views[1], schedule.device)
+    targets, val_targets = (teacher_targets(teacher, r.views[1], schedule.device) for r in (bank, val))
     student, _ = distill(bank, targets, config.factor, config, schedule, val, val_targets)
-    return Trained(config, student, schedule.region_size, classes)
+    trained = Trained(config, student, schedule.region_size, classes)
+    trained_teacher = Trained(replace(config, factor=1), teacher, schedule.region_size, classes)
+    return (trained_teacher, trained) if return_teacher else trained
 
 
 # -- the trained student and its slide predictor ---------------------------------------------------
@@ -479,8 +482,7 @@ class Trained(methods.Trained):
     def predictor(self, device=None):
         """``predict(slide_path, mpp=None) -> Prediction``: the tissue regions at hr_mag / factor
         (stages ``grid``, ``read``) classified (``classify``); P(slide) = their top-k mean P(tumour)."""
-        device = pick_device(device)
-        model = self.network.to(device).eval()
+        model, device = self.network, pick_device(device)  # predict moves it there, in eval mode
         mag = self.config.hr_mag / self.config.factor
         side = check_input_size(self.region_size, self.config.factor)
         tumour = self.classes.index("tumour")
