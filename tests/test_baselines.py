@@ -11,7 +11,13 @@ from mini_kd import MiniKDError, baselines
 from mini_kd.encoders import tiny_resnet_gn
 from mini_kd.evaluate import classification_metrics
 from mini_kd.methods import Prediction
-from mini_kd.mil import Standardised, abmil_predictor, bag_probabilities, make_bags, read_bags
+from mini_kd.mil import (
+    Standardised,
+    abmil_predictor,
+    bag_probabilities,
+    make_bags,
+    read_bags,
+)
 from mini_kd.phantom import render_slide
 from mini_kd.runtime import torch_threads
 from mini_kd.train import FitConfig
@@ -25,6 +31,8 @@ def one_thread():
     shared CPU TransMIL's many small matrix products wait on each other."""
     with torch_threads(1, "cpu"):
         yield
+
+
 EPOCHS = {"clam_sb": 8, "dsmil": 10, "transmil": 3}  # enough for each to learn the toy problem
 
 

@@ -46,7 +46,7 @@ def test_a_fold_gives_the_teacher_at_20x_and_the_x4_student_at_5x(models, cohort
     slide = cohort.slide_path(split["test"][0])
     by_teacher, by_student = teacher.predictor("cpu")(slide), student.predictor("cpu")(slide)
     assert isinstance(by_student, methods.Prediction)
-    # the same tissue squares, read at 20x (256 px) by the teacher and at 5x (64 px) by the student
+    # the same tissue squares, read at 20x (128 px) by the teacher and at 5x (32 px) by the student
     assert list(by_teacher.tiles_read) == [20.0] and list(by_student.tiles_read) == [5.0]
     assert by_teacher.tiles_read[20.0] == by_student.tiles_read[5.0] > 0
     assert by_teacher.details["grid"].coords.tolist() == by_student.details["grid"].coords.tolist()
