@@ -42,6 +42,9 @@ def test_rows_carry_the_issue_keys_and_share_the_cost_of_the_pipeline_they_run()
     assert rows["stage1_only"]["encoder_gflops_per_slide"] == 3.0  # lrmil's pipeline
     assert rows["lr_abmil"]["magnifications"] == "5x" and rows["hr_abmil"]["speedup_vs_hr_abmil"] == 1
     assert result["folds"] == 2 and result["slides"] == 8
+    shown = {row["method"]: row for row in compare.table(result)}
+    assert shown["hr_abmil"]["AUC [95 % CI]"] == "0.900 [0.84, 0.96]"
+    assert shown["hr_abmil"]["Mpx decoded"] == 1.0 and shown["lrmil"]["speed-up"] == 8.0
 
 
 def test_the_pareto_front_keeps_only_rows_no_other_beats_on_both_axes():

@@ -288,7 +288,8 @@ def unlabeled_cohort(preset: str, schedule: reskd.Schedule):
 # -- slide classifiers per fold (the side-by-side benchmark) --------------------------------------
 # The side-by-side benchmark (mini_kd.experiments.compare) trains ResKD on every fold of K folds,
 # four folds per cohort within one notebook: these override the preset's Config and Schedule so
-# that one book fold trains in well under 90 s on 2 CPU cores. Its phantom holds micro-metastases
+# that one book fold trains in well under 90 s on 2 CPU cores (about 30 s measured on either book
+# cohort, up to 85 s with the cores shared with other work). Its phantom holds micro-metastases
 # (0.1-2 % of the tissue), smaller than a 256-px region at 20x: there, fold 0's teacher found no
 # region a fifth tumour in most training slides and scored a test AUC under 0.5. So 128-px regions,
 # a region at least a fifth tumour being tumour (min_tumour, deviation 8 of
