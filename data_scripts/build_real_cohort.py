@@ -20,11 +20,15 @@ def main(argv=None) -> int:
     parser.add_argument("--slides", type=int, default=48, help="number of slides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=2560, help="level-0 side of each slide in px")
+    parser.add_argument("--tumour-fraction", type=float, nargs=2, metavar=("LO", "HI"),
+                        default=(0.03, 0.08), help="each tumour slide's share of carcinoma is "
+                        "drawn uniformly from [LO, HI] (the book's cohort: 0.01 0.05)")
     parser.add_argument("--data-dir", help="where the source images are cached")
     args = parser.parse_args(argv)
     try:
         cohort = make_real_cohort(args.out, n_slides=args.slides, seed=args.seed,
-                                  slide_size=args.size, data_dir=args.data_dir)
+                                  slide_size=args.size, tumour_fraction=args.tumour_fraction,
+                                  data_dir=args.data_dir)
     except MiniKDError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

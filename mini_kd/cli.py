@@ -81,7 +81,8 @@ def _real_cohort(args) -> None:
     from mini_kd.real_tissue import make_real_cohort
 
     cohort = make_real_cohort(args.out, n_slides=args.slides, seed=args.seed,
-                              slide_size=args.size, data_dir=args.data_dir)
+                              slide_size=args.size, tumour_fraction=args.tumour_fraction,
+                              data_dir=args.data_dir)
     print(f"{len(cohort.slides)} real-tissue slides in {cohort.root}")
 
 
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--slides", type=int, default=48)
     real.add_argument("--seed", type=int, default=0)
     real.add_argument("--size", type=int, default=2560, help="level-0 side of each slide in px")
+    real.add_argument("--tumour-fraction", type=float, nargs=2, metavar=("LO", "HI"),
+                      default=(0.03, 0.08), help="draw each tumour slide's share of carcinoma "
+                      "uniformly from [LO, HI] (the book's cohort: 0.01 0.05)")
     real.add_argument("--data-dir", help="where the source images are cached (default: "
                       "$MINI_KD_DATA or ~/.cache/mini_kd)")
     real.set_defaults(run=_real_cohort)

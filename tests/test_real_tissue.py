@@ -205,6 +205,12 @@ def test_the_cli_builds_a_cohort_and_reports_errors_in_one_line(sources_dir, tmp
                  "--data-dir", str(sources_dir)]) == 0
     assert capsys.readouterr().out == f"6 real-tissue slides in {out}\n"
     assert len(list((out / "slides").glob("*.svs"))) == 6
+    assert json.loads((out / "cohort.json").read_text())["tumour_fraction"] == [0.03, 0.08]
+    small = tmp_path / "small-islands"
+    assert main(["real-cohort", str(small), "--slides", "6", "--size", "1024", "--tumour-fraction",
+                 "0.01", "0.05", "--data-dir", str(sources_dir)]) == 0
+    assert json.loads((small / "cohort.json").read_text())["tumour_fraction"] == [0.01, 0.05]
+    capsys.readouterr()
     assert main(["real-cohort", str(tmp_path / "few"), "--slides", "2"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("mini-kd: error: n_slides=2 is too few") and error.count("\n") == 1

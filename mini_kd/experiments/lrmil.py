@@ -52,7 +52,7 @@ from mini_kd.train import read_checkpoint, write_checkpoint
 # fold 0 timed from the slide files, and the grid of the stage-2 sweep.
 BUDGET = {
     "smoke": dict(n_folds=2, timing_slides=1, sweep=dict(lambda_soft=(0.0, 1.0))),
-    "book": dict(n_folds=4, timing_slides=4,
+    "book": dict(n_folds=4, timing_slides=3,
                  sweep=dict(lambda_bag=(0.0, 1.0), lambda_soft=(0.0, 1.0))),
     "gpu": dict(n_folds=5, timing_slides=10,
                 sweep=dict(lambda_bag=(0.0, 0.5, 1.0), lambda_soft=(0.0, 0.5, 1.0),
