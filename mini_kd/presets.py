@@ -54,6 +54,9 @@ REAL_COHORTS = {
     "book": dict(n_slides=80, slide_size=2048, seed=0, tumour_fraction=(0.01, 0.05)),
     "gpu": dict(n_slides=200, slide_size=8192, seed=0),
 }
+# ResKD's real-tissue cohort: islands of 3-8 % of the tissue, so that 256-px regions that are
+# mostly carcinoma exist (the calibrated cohort's 1-5 % islands hold few or none).
+REAL_REGION_COHORTS = {**REAL_COHORTS, "book": dict(n_slides=48, slide_size=2560, seed=0)}
 
 # Tile geometry shared by the MIL notebooks, so that they share cached grids and features.
 # The papers use 256-px tiles at 20x, 256-px tiles at 5x (each covering 4x4 HR tiles) and 16-px
@@ -83,13 +86,15 @@ def phantom_cohort(preset: str, regions: bool = False):
     return ensure_cohort(data_dir() / "phantom" / folder, **settings)
 
 
-def real_cohort(preset: str):
-    """The real-tissue cohort of ``preset`` (:mod:`mini_kd.real_tissue`), built on first use under
-    ``$MINI_KD_DATA/real_cohort/<preset>``, then loaded from the cache."""
+def real_cohort(preset: str, regions: bool = False):
+    """The real-tissue cohort of ``preset`` (:mod:`mini_kd.real_tissue`; with ``regions``,
+    ResKD's :data:`REAL_REGION_COHORTS`), built on first use under
+    ``$MINI_KD_DATA/real_cohort/<preset>[-regions]``, then loaded from the cache."""
     from mini_kd.real_tissue import ensure_real_cohort
 
-    return ensure_real_cohort(data_dir() / "real_cohort" / check_preset(preset),
-                              **REAL_COHORTS[preset])
+    settings = (REAL_REGION_COHORTS if regions else REAL_COHORTS)[check_preset(preset)]
+    folder = preset if settings == REAL_COHORTS[preset] else f"{preset}-regions"
+    return ensure_real_cohort(data_dir() / "real_cohort" / folder, **settings)
 
 
 def cohort(preset: str, folder=None, regions: bool = False):

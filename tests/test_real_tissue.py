@@ -214,3 +214,19 @@ def test_the_cli_builds_a_cohort_and_reports_errors_in_one_line(sources_dir, tmp
     assert main(["real-cohort", str(tmp_path / "few"), "--slides", "2"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("mini-kd: error: n_slides=2 is too few") and error.count("\n") == 1
+
+
+def test_the_presets_real_cohorts_keep_reskds_large_islands_in_their_own_folder(tmp_path, monkeypatch):
+    from mini_kd import presets
+
+    built = []
+    monkeypatch.setenv("MINI_KD_DATA", str(tmp_path))
+    monkeypatch.setattr(real_tissue, "ensure_real_cohort", lambda root, **config: built.append(
+        (root.relative_to(tmp_path).as_posix(), config)))
+    presets.real_cohort("book"), presets.real_cohort("book", regions=True)
+    presets.real_cohort("smoke", regions=True)
+    assert built == [("real_cohort/book", presets.REAL_COHORTS["book"]),
+                     ("real_cohort/book-regions", presets.REAL_REGION_COHORTS["book"]),
+                     ("real_cohort/smoke", presets.REAL_COHORTS["smoke"])]
+    assert presets.REAL_COHORTS["book"]["tumour_fraction"] == (0.01, 0.05)
+    assert "tumour_fraction" not in presets.REAL_REGION_COHORTS["book"]  # the builder's 3-8 %
