@@ -53,7 +53,7 @@ from mini_kd.train import FitConfig
 # fold 0 timed from the slide files, and the ABMIL baseline's epochs.
 BUDGET = {
     "smoke": dict(n_folds=2, timing_slides=2, abmil_epochs=4),
-    "book": dict(n_folds=4, timing_slides=3, abmil_epochs=10),
+    "book": dict(n_folds=4, timing_slides=3, abmil_epochs=8),
     "gpu": dict(n_folds=5, timing_slides=10, abmil_epochs=50),
 }
 ABMIL_HIDDEN, ABMIL_LR = 128, 2e-4

@@ -51,7 +51,7 @@ from mini_kd.progress import progress
 # What the comparison spends per preset: folds (the method experiments' own), timed test slides.
 BUDGET = {
     "smoke": dict(n_folds=2, timing_slides=1),
-    "book": dict(n_folds=4, timing_slides=3),
+    "book": dict(n_folds=4, timing_slides=2),
     "gpu": dict(n_folds=5, timing_slides=10),
 }
 ROWS = {  # name -> (what it is, the magnifications it reads), in the order of the table
