@@ -82,8 +82,7 @@ def phantom_cohort(preset: str, regions: bool = False):
     :data:`REGION_COHORTS`), generated on first use, then loaded from the cache."""
     from mini_kd.phantom import ensure_cohort
 
-    settings = (REGION_COHORTS if regions else COHORTS)[check_preset(preset)]
-    folder = preset if settings == COHORTS[preset] else f"{preset}-regions"
+    folder, settings = _cached_cohort(COHORTS, REGION_COHORTS, preset, regions)
     return ensure_cohort(data_dir() / "phantom" / folder, **settings)
 
 
@@ -93,9 +92,15 @@ def real_cohort(preset: str, regions: bool = False):
     ``$MINI_KD_DATA/real_cohort/<preset>[-regions]``, then loaded from the cache."""
     from mini_kd.real_tissue import ensure_real_cohort
 
-    settings = (REAL_REGION_COHORTS if regions else REAL_COHORTS)[check_preset(preset)]
-    folder = preset if settings == REAL_COHORTS[preset] else f"{preset}-regions"
+    folder, settings = _cached_cohort(REAL_COHORTS, REAL_REGION_COHORTS, preset, regions)
     return ensure_real_cohort(data_dir() / "real_cohort" / folder, **settings)
+
+
+def _cached_cohort(cohorts: dict, region_cohorts: dict, preset: str, regions: bool):
+    """(folder name, settings) of ``preset``'s cohort: ``<preset>``, or ``<preset>-regions`` where
+    ResKD's region cohort differs from the MIL methods' one."""
+    settings = (region_cohorts if regions else cohorts)[check_preset(preset)]
+    return (preset if settings == cohorts[preset] else f"{preset}-regions"), settings
 
 
 def cohort(preset: str, folder=None, regions: bool = False):
