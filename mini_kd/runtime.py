@@ -9,15 +9,23 @@
   than on two on a shared CPU, where waking a second thread costs more than it saves (measured:
   LRMIL's teacher 86 s on two threads, 10 s on one). The experiments train those on one thread on
   the CPU; encoders of whole tile batches keep torch's default. On a GPU the setting is left alone.
-- **Atomic writes.** :func:`write_atomically` writes ``<path>.partial`` and renames it: a reader
+- **Workers.** :func:`map_jobs` runs independent jobs -- the folds of an experiment -- in worker
+  processes, one per CPU core, each on ``cores / workers`` torch threads: the small networks train
+  on one thread, so a second core would otherwise sit idle. Every job seeds its own training, so
+  the results do not depend on which worker ran it or in what order (``MINI_KD_WORKERS=1`` runs
+  them one after another in this process, with the same results).
+- **Atomic writes.** :func:`write_atomically` writes ``<path>.<pid>.partial`` and renames it: a reader
   sees a whole file or none, whatever interrupts the writer. Checkpoints (``.pt``), feature
   caches (``.h5``) and region caches (``.npz``) all go through it.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -26,6 +34,7 @@ import numpy as np
 import torch
 
 from mini_kd.errors import MiniKDError
+from mini_kd.progress import progress
 
 
 def pick_device(device=None) -> torch.device:
@@ -68,15 +77,65 @@ def torch_threads(n: int | None = 1, device=None):
         torch.set_num_threads(before)
 
 
+def workers(n_jobs: int, device=None) -> int:
+    """How many processes run ``n_jobs`` independent jobs: ``$MINI_KD_WORKERS`` when set, else one
+    per CPU core this process may use, at most ``n_jobs``; one on a CUDA ``device`` (the jobs
+    would share the GPU)."""
+    if os.environ.get("MINI_KD_WORKERS"):
+        try:
+            n = int(os.environ["MINI_KD_WORKERS"])
+        except ValueError:
+            raise MiniKDError(f"MINI_KD_WORKERS={os.environ['MINI_KD_WORKERS']!r} is not a whole "
+                              "number; set it to the number of worker processes, 1 for none") from None
+    elif pick_device(device).type == "cuda":
+        n = 1
+    else:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(n, n_jobs))
+
+
+def map_jobs(task: Callable, jobs: list, *shared, device=None, desc: str = "jobs") -> list:
+    """``[task(job, *shared) for job in jobs]``, the jobs spread over :func:`workers` processes.
+
+    ``task`` must be a module-level function (a worker imports it by name) and ``jobs`` and
+    ``shared`` picklable; what ``task`` returns comes back pickled. Workers are started with
+    ``spawn`` (no copy of this process's threads or open files) and each runs torch on
+    ``cores // workers`` threads. A failed job raises its error here, after the others stop.
+    A script that calls this must keep its top-level code under ``if __name__ == "__main__":``
+    (each worker imports the script it was started from).
+    """
+    n = workers(len(jobs), device)
+    if n == 1:
+        return [task(job, *shared) for job in progress(jobs, desc=desc)]
+    threads = max(1, (os.cpu_count() or n) // n)
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        futures = [pool.submit(task, job, *shared) for job in jobs]
+        try:
+            for future in progress(as_completed(futures), total=len(futures), desc=desc):
+                future.result()  # the first failure stops the rest
+        except BrokenProcessPool as error:
+            raise MiniKDError(
+                f"a worker process of {desc!r} failed: {error.__cause__ or error} (from a script, "
+                "keep its top-level code under `if __name__ == '__main__':`; MINI_KD_WORKERS=1 "
+                "runs every job in this process)") from error
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return [future.result() for future in futures]
+
+
 def write_atomically(path, write: Callable[[Path], None]) -> Path:
     """``write(temporary)`` then rename the temporary file to ``path`` (creating the folder).
 
-    The temporary file is ``<path>.partial`` beside ``path`` (one file system, so the rename is
-    atomic on POSIX); it is removed when ``write`` fails or is interrupted (also by Ctrl-C).
+    The temporary file is ``<path>.<pid>.partial`` beside ``path``: one file system, so the rename
+    is atomic on POSIX, and one file per process, so two workers writing the same cache never
+    write into one file. It is removed when ``write`` fails or is interrupted (also by Ctrl-C).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         write(partial)
         os.replace(partial, path)

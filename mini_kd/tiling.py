@@ -73,7 +73,7 @@ class TileGrid:
     def save(self, path) -> Path:
         """HDF5 with a ``coords`` dataset and TRIDENT/CLAM-style attributes on it.
 
-        Written to ``<path>.partial`` and renamed: an interrupted save leaves no half grid.
+        Written to a ``.partial`` file beside ``path`` and renamed: an interrupted save leaves no half grid.
         """
         path = Path(path)
         if path.is_dir():

@@ -38,12 +38,12 @@ produces the same weights as a run that was never interrupted.
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 import random
 import re
 import time
-import types
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
@@ -71,7 +71,7 @@ def freeze(module: nn.Module) -> nn.Module:
     """
     module.requires_grad_(False)
     module.eval()
-    module.train = types.MethodType(_stay_in_eval, module)
+    module.train = functools.partial(_stay_in_eval, module)  # a partial pickles, a method does not
     return module
 
 

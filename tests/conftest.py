@@ -1,8 +1,12 @@
-"""Shared test set-up: quiet progress bars, two threads, a fresh data folder per session."""
+"""Shared test set-up: quiet progress bars, two threads, folds in this process, a fresh data
+folder per session."""
 
 import os
 
 os.environ.setdefault("MINI_KD_QUIET", "1")
+# The tests patch and spy on functions of this process, which worker processes would not see:
+# experiments run their folds here. test_determinism runs folds in two workers on its own.
+os.environ.setdefault("MINI_KD_WORKERS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -10,11 +10,13 @@ import torch
 import mini_kd.encoders
 import mini_kd.presets
 from mini_kd.encoders import build_encoder
+from mini_kd.errors import MiniKDError
 from mini_kd.experiments import time_pipelines
 from mini_kd.experiments import ahdmil as ahdmil_experiment
 from mini_kd.experiments import lrmil as lrmil_experiment
 from mini_kd.methods import Prediction, ahdmil, lrmil
-from mini_kd.runtime import torch_threads
+from mini_kd.evaluate import kfold_splits
+from mini_kd.runtime import map_jobs, torch_threads
 from mini_kd.phantom import make_cohort
 from mini_kd.train import FitConfig, fit
 
@@ -142,6 +144,36 @@ def test_ahdmils_smoke_experiment_gives_bit_identical_predictions_twice(tiny_coh
     for (p, kept), (p_again, kept_again) in zip(first, again):
         np.testing.assert_array_equal(p, p_again)
         assert (kept is None and kept_again is None) or np.array_equal(kept, kept_again)
+
+
+# -- folds in worker processes ----------------------------------------------------------------------
+def test_map_jobs_keeps_the_order_of_the_jobs_and_raises_a_workers_error(monkeypatch):
+    monkeypatch.setenv("MINI_KD_WORKERS", "2")
+    assert map_jobs(int, ["3", "1", "2"]) == [3, 1, 2]
+    with pytest.raises(ValueError, match="invalid literal"):
+        map_jobs(int, ["1", "not a number"])
+    monkeypatch.setenv("MINI_KD_WORKERS", "two")
+    with pytest.raises(MiniKDError, match="MINI_KD_WORKERS"):
+        map_jobs(int, ["1"])
+
+
+def test_folds_in_two_worker_processes_give_what_one_fold_after_another_gives(monkeypatch):
+    bags = {bag.slide_id: bag for bag in tiny_bags(8)}
+    drawn = kfold_splits(list(bags), [bag.label for bag in bags.values()], 2, 0)
+    config = mini_kd.presets.config("ahdmil", "smoke", hidden=8, attention_hidden=4, degree=3,
+                                    k_sample=2)
+    jobs, args = list(enumerate(drawn)), (bags, None, config, mini_kd.presets.schedule("ahdmil", "smoke"), 2)
+    runs = {}
+    for workers in ("1", "2"):
+        monkeypatch.setenv("MINI_KD_WORKERS", workers)
+        runs[workers] = map_jobs(ahdmil_experiment.train_fold, jobs, *args)
+    for one, two in zip(runs["1"], runs["2"]):
+        assert one["scores"].keys() == two["scores"].keys() and one["gates"] == two["gates"]
+        for name, scores in one["scores"].items():
+            np.testing.assert_array_equal(scores["probability"], two["scores"][name]["probability"])
+    assert runs["1"][1]["models"] is None
+    for name, value in runs["1"][0]["models"]["dmin"].state_dict().items():
+        assert torch.equal(value, runs["2"][0]["models"]["dmin"].state_dict()[name]), name
 
 
 # -- interrupted and resumed fits of the methods' own steps ---------------------------------------

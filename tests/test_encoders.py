@@ -261,10 +261,12 @@ def test_a_corrupt_cache_file_or_a_leftover_partial_file_is_replaced(slide_and_g
     cache = feature_path(tmp_path, counted_encoder, grid)
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"not an HDF5 file")  # e.g. copied while being written elsewhere
-    cache.with_name(cache.name + ".partial").write_bytes(b"left by a killed run")
+    leftover = cache.with_name(cache.name + ".123.partial")
+    leftover.write_bytes(b"left by a killed run")
     features = extract_features(path, grid, counted_encoder, tmp_path, device="cpu")
     assert features.shape == (8, 64)
-    assert sorted(p.name for p in cache.parent.iterdir()) == ["slide.h5"]
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["slide.h5", leftover.name]
+    torch.testing.assert_close(load_features(cache)[0], torch.as_tensor(features))
 
 
 def test_new_weights_never_reuse_old_features(slide_and_grid, counted_encoder, tmp_path):

@@ -1,5 +1,7 @@
 """The fit loop on tiny linear models: selection, stopping, accumulation, skipping, resuming."""
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -204,6 +206,12 @@ def test_a_frozen_teacher_stays_in_eval_mode_and_unchanged():
     fit(model, distil, [regression_data()], FitConfig(epochs=2, monitor="train_loss"))
     assert torch.equal(weights(model.teacher), teacher_before)
     assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_a_frozen_teacher_stays_frozen_through_pickling():  # how a worker process returns it
+    teacher = pickle.loads(pickle.dumps(freeze(nn.Sequential(nn.Linear(3, 1), nn.Dropout(0.5)))))
+    assert teacher.train() is teacher and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
 
 
 def test_resume_after_an_interruption_gives_the_same_weights(tmp_path):

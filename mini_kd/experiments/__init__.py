@@ -18,8 +18,11 @@ it. Each method has its experiment here (:mod:`~mini_kd.experiments.reskd`,
   :meth:`Experiment.speed` the mean seconds per stage, :meth:`Experiment.to_json` the strict JSON
   the benchmarks write (NaN -> null). The keys the tests and chapters read are listed in
   :data:`JSON_KEYS`.
-- **Threads.** The small networks train on one torch thread on the CPU (see
-  :func:`mini_kd.runtime.torch_threads`); that is the only thread policy.
+- **Threads and workers.** The small networks train on one torch thread on the CPU (see
+  :func:`mini_kd.runtime.torch_threads`), and the folds of an experiment train side by side in
+  worker processes, one per core (:func:`mini_kd.runtime.map_jobs`); every fold seeds its own
+  training, so the results are those of one fold after another. What is timed from the slide
+  files runs afterwards, in the calling process alone: no pipeline is timed while another trains.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 (:func:`mini_kd.experiments.folds`: every slide tested once; ``labels.csv``'s split column is not
 used) and adds what the paper compares it with. Per fold, every model trains on the fold's train
 slides, is selected on *its* validation slides and is scored on its test slides from the cached
-features:
+features (:func:`train_fold`; the folds train side by side in worker processes):
 
 - ``abmil``: gated ABMIL (Ilse et al. 2018) on every 20x tile;
 - ``dmin_all`` / ``dmin_own_mask``: DMIN after step 1, pooling over every tile (its teacher path)
@@ -45,8 +45,7 @@ from mini_kd.features import cohort_grids
 from mini_kd.methods import ahdmil
 from mini_kd.mil import ABMIL
 from mini_kd.phantom import TUMOUR
-from mini_kd.progress import progress
-from mini_kd.runtime import torch_threads
+from mini_kd.runtime import map_jobs, torch_threads
 from mini_kd.train import FitConfig
 
 # What the experiment spends per preset besides the method's schedule: folds, test slides of
@@ -88,52 +87,71 @@ def run_experiment(preset: str = "book", cohort=None, config: ahdmil.Config | No
         drawn = folds(cohort, budget["n_folds"], schedule.seed)
         experiment = Experiment(preset, str(cohort.root), drawn, MODELS, base="dmin_all",
                                 targets=targets)
-        gates = []
-        for r, split in enumerate(progress(drawn, desc="folds")):
-            train, val, test = ([bags[s] for s in split[part]] for part in ("train", "val", "test"))
-            abmil, _ = train_abmil(train, val, config, schedule, budget["abmil_epochs"])
-            dmin, step1 = ahdmil.train_step1(train, val, config, schedule)
-            screens = {"ahdmil": config} if config.screen_recall is None else {
-                "ahdmil": config, "ahdmil_paper_screen": replace(config, screen_recall=None)}
-            steps2 = {name: ahdmil.train_step2(dmin, train, val, rule, schedule)
-                      for name, rule in screens.items()}
-            model, step2, tries = steps2["ahdmil"]
-            trained = ahdmil.Trained(config, model, encoder,
-                                     history={"step1": step1, "step2": step2, "tries": tries})
-            linear, _ = ahdmil.train_step1(train, val, replace(config, head="linear"), schedule)
-            predictors = {"abmil": predict_abmil(abmil), "dmin_all": predict_dmin_all(dmin),
-                          "dmin_own_mask": predict_dmin_own_mask(dmin, config.min_keep),
-                          **{name: predict_ahdmil(step[0]) for name, step in steps2.items()},
-                          "dmin_all_linear": predict_dmin_all(linear),
-                          "dmin_own_mask_linear": predict_dmin_own_mask(linear, config.min_keep)}
-            for name, predict in predictors.items():
-                scores = score_bags(test, predict, tumour)
-                experiment.record(r, name, split["test"], [bag.label for bag in test],
+        trained_folds = map_jobs(train_fold, list(enumerate(drawn)), bags, tumour, config, schedule,
+                                 budget["abmil_epochs"], device=schedule.device, desc="folds")
+        for (r, split), fold in zip(enumerate(drawn), trained_folds):
+            for name, scores in fold["scores"].items():
+                experiment.record(r, name, split["test"], [bags[s].label for s in split["test"]],
                                   scores.pop("probability"), **scores)
-            gates += [gate_row(r, name, *steps2[name][1:], val, dmin, rule)
-                      for name, rule in screens.items()]
-            if r == 0:
-                experiment.extras["history"] = {"step1": step1.rows, "step2": step2.rows,
-                                                "step2_best_epoch": step2.best_epoch}
-                experiment.checkpoint = trained.save(
-                    checkpoint_path or cohort.root / "ahdmil" / f"ahdmil-{preset}.pt")
-                slide_files = {"dmin_all": every_tile(trained, dmin).predictor(schedule.device,
-                                                                                screen=False),
-                               "ahdmil": trained.predictor(schedule.device)}
-                if timing:
-                    timed = split["test"][:budget["timing_slides"]]
-                    experiment.timing = time_pipelines({s: cohort.slide_path(s) for s in timed},
-                                                       slide_files, schedule.seed)
-                shown = max([bag for bag in test if bag.label == 1] or test,
-                            key=lambda bag: int(tumour[bag.slide_id].sum()) if tumour else 0)
-                experiment.models = {"dmin": dmin.cpu(), "dmin_linear": linear, "ahdmil": trained,
-                                     "kept": kept_tiles(cohort, shown, slide_files["ahdmil"], dmin,
-                                                        config.min_keep)}
-        experiment.extras["step2_gate_by_split"] = gates
+        experiment.extras["step2_gate_by_split"] = [row for fold in trained_folds
+                                                    for row in fold["gates"]]
+        # fold 0, in this process alone: its checkpoint, its pipelines timed from the slide files
+        fold0, split = trained_folds[0]["models"], drawn[0]
+        step1, step2 = fold0["step1"], fold0["step2"]
+        experiment.extras["history"] = {"step1": step1.rows, "step2": step2.rows,
+                                        "step2_best_epoch": step2.best_epoch}
+        trained = ahdmil.Trained(config, fold0["ahdmil"], encoder,
+                                 history={"step1": step1, "step2": step2, "tries": fold0["tries"]})
+        experiment.checkpoint = trained.save(
+            checkpoint_path or cohort.root / "ahdmil" / f"ahdmil-{preset}.pt")
+        dmin = fold0["dmin"]
+        slide_files = {"dmin_all": every_tile(trained, dmin).predictor(schedule.device, screen=False),
+                       "ahdmil": trained.predictor(schedule.device)}
+        if timing:
+            timed = split["test"][:budget["timing_slides"]]
+            experiment.timing = time_pipelines({s: cohort.slide_path(s) for s in timed},
+                                               slide_files, schedule.seed)
+        test = [bags[s] for s in split["test"]]
+        shown = max([bag for bag in test if bag.label == 1] or test,
+                    key=lambda bag: int(tumour[bag.slide_id].sum()) if tumour else 0)
+        experiment.models = {"dmin": dmin.cpu(), "dmin_linear": fold0["linear"], "ahdmil": trained,
+                             "kept": kept_tiles(cohort, shown, slide_files["ahdmil"], dmin,
+                                                config.min_keep)}
     experiment.seconds = time.perf_counter() - start
     if own_run:  # the preset's own run, kept for the side-by-side comparison to gather
         experiment.save_json(results_path(cohort, "ahdmil", preset))
     return experiment
+
+
+def train_fold(job: tuple[int, dict], bags: dict, tumour: dict | None, config: ahdmil.Config,
+               schedule: ahdmil.Schedule, abmil_epochs: int) -> dict:
+    """One fold ``job = (r, split)``: every model of :data:`MODELS` trained on the split's train
+    slides (``bags``: {slide_id: Bag}) and selected on its validation slides. Returns each model's
+    scores on the test slides (:func:`score_bags`), step 2's gate rows (:func:`gate_row`) and, for
+    fold 0, the models and histories (run in a worker process by
+    :func:`mini_kd.runtime.map_jobs`)."""
+    r, split = job
+    train, val, test = ([bags[s] for s in split[part]] for part in ("train", "val", "test"))
+    with torch_threads(1, schedule.device):
+        abmil, _ = train_abmil(train, val, config, schedule, abmil_epochs)
+        dmin, step1 = ahdmil.train_step1(train, val, config, schedule)
+        screens = {"ahdmil": config} if config.screen_recall is None else {
+            "ahdmil": config, "ahdmil_paper_screen": replace(config, screen_recall=None)}
+        steps2 = {name: ahdmil.train_step2(dmin, train, val, rule, schedule)
+                  for name, rule in screens.items()}
+        linear, _ = ahdmil.train_step1(train, val, replace(config, head="linear"), schedule)
+        predictors = {"abmil": predict_abmil(abmil), "dmin_all": predict_dmin_all(dmin),
+                      "dmin_own_mask": predict_dmin_own_mask(dmin, config.min_keep),
+                      **{name: predict_ahdmil(step[0]) for name, step in steps2.items()},
+                      "dmin_all_linear": predict_dmin_all(linear),
+                      "dmin_own_mask_linear": predict_dmin_own_mask(linear, config.min_keep)}
+        scores = {name: score_bags(test, predict, tumour) for name, predict in predictors.items()}
+        gates = [gate_row(r, name, *steps2[name][1:], val, dmin, rule)
+                 for name, rule in screens.items()]
+    model, step2, tries = steps2["ahdmil"]
+    models = {"dmin": dmin, "linear": linear, "ahdmil": model, "step1": step1, "step2": step2,
+              "tries": tries}
+    return {"scores": scores, "gates": gates, "models": models if r == 0 else None}
 
 
 def every_tile(trained: ahdmil.Trained, dmin: ahdmil.DMIN) -> ahdmil.Trained:

@@ -18,7 +18,8 @@ all slides: AUC, accuracy and F1, each with a bootstrap 95 % CI over the slides
 What the method experiments train on these folds is gathered, not trained again: the LRMIL and
 AHDMIL rows come from their preset's own run (:func:`mini_kd.experiments.results_path`, written
 by notebooks 03 and 04), run here when missing. The torchmil baselines train here, and ResKD's
-classifiers per fold (cached: :func:`mini_kd.experiments.reskd.slide_classifiers`).
+classifiers per fold (cached: :func:`mini_kd.experiments.reskd.slide_classifiers`), the folds
+side by side in worker processes (:func:`train_fold`).
 
 **Cost, the same way for every row.** Each row's pipeline classifies the same test slides of
 fold 0 from the slide files, in an order drawn afresh per slide
@@ -46,7 +47,7 @@ from mini_kd.experiments import reskd as reskd_experiment
 from mini_kd.features import cohort_features, cohort_grids
 from mini_kd.methods import load, lrmil
 from mini_kd.mil import abmil_predictor, bag_probabilities, make_bags
-from mini_kd.progress import progress
+from mini_kd.runtime import map_jobs
 
 # What the comparison spends per preset: folds (the method experiments' own), timed test slides.
 BUDGET = {
@@ -93,21 +94,12 @@ def run_comparison(preset: str = "book", cohort=None, timing: bool = True) -> Ex
     encoder = build_encoder(config.encoder).eval()
     hr_grids = cohort_grids(cohort, config.hr_mag, config.hr_tile, config.min_tissue)
     hr_features = cohort_features(cohort, hr_grids, encoder, device=schedule.device)
-    fold0 = {}
-    for r, split in enumerate(progress(drawn, desc="folds")):
-        test_labels = [labels[s] for s in split["test"]]
-        bags = {part: make_bags(hr_features, labels, split[part]) for part in split}
-        for name in baselines.MODELS:
-            model = baselines.train(name, bags["train"], bags["val"],
-                                    lrmil.fit_config(schedule, name))
-            experiment.record(r, name, split["test"], test_labels,
-                              bag_probabilities(model, bags["test"]))
-            fold0.setdefault(name, model)
-        for name, trained in reskd_experiment.slide_classifiers(cohort, split, preset).items():
-            predict = trained.predictor(schedule.device)
-            experiment.record(r, name, split["test"], test_labels,
-                              [predict(cohort.slide_path(s)).probability for s in split["test"]])
-            fold0.setdefault(name, trained)
+    trained_folds = map_jobs(train_fold, list(enumerate(drawn)), cohort, preset, hr_features,
+                             labels, device=schedule.device, desc="folds")
+    for (r, split), (probabilities, _) in zip(enumerate(drawn), trained_folds):
+        for name, p in probabilities.items():
+            experiment.record(r, name, split["test"], [labels[s] for s in split["test"]], p)
+    fold0 = trained_folds[0][1]
     predictors = pipelines(cohort, preset, drawn[0], labels, fold0, encoder)
     if timing:
         timed = drawn[0]["test"][:budget["timing_slides"]]
@@ -120,6 +112,26 @@ def run_comparison(preset: str = "book", cohort=None, timing: bool = True) -> Ex
                                                  {k: predictors[k][0] for k in shown})}
     experiment.seconds = time.perf_counter() - start
     return experiment
+
+
+def train_fold(job: tuple[int, dict], cohort, preset: str, hr_features: dict,
+               labels: dict) -> tuple[dict, dict]:
+    """One fold ``job = (r, split)`` of the rows trained here: the torchmil baselines on the
+    20x features and ResKD's slide classifiers. Returns each row's P(tumour) of the test slides,
+    and the models of fold 0 (run in a worker process by :func:`mini_kd.runtime.map_jobs`)."""
+    r, split = job
+    schedule = presets.schedule("lrmil", preset)
+    bags = {part: make_bags(hr_features, labels, split[part]) for part in split}
+    probabilities, models = {}, {}
+    for name in baselines.MODELS:
+        models[name] = baselines.train(name, bags["train"], bags["val"],
+                                       lrmil.fit_config(schedule, name))
+        probabilities[name] = bag_probabilities(models[name], bags["test"])
+    for name, trained in reskd_experiment.slide_classifiers(cohort, split, preset).items():
+        predict = trained.predictor(schedule.device)
+        probabilities[name] = [predict(cohort.slide_path(s)).probability for s in split["test"]]
+        models[name] = trained
+    return probabilities, models if r == 0 else {}
 
 
 # -- gathering what the method experiments trained ---------------------------------------------------

@@ -4,7 +4,7 @@
 cohort (:func:`mini_kd.experiments.folds`: every slide tested once; ``labels.csv``'s split column
 is not used) and adds what the paper compares it with. Per fold, every model trains on the fold's
 train slides, is selected on *its* validation slides and is scored on its test slides from the
-cached features:
+cached features (:func:`train_fold`; the folds train side by side in worker processes):
 
 - ``hr_abmil``: the HR teacher (ABMIL on every 20x tile), and ``hr_abmil_torchmil``, torchmil's
   ABMIL on the same features and split: a cross-check that ours learned what a standard library
@@ -44,8 +44,7 @@ from mini_kd.experiments import (Experiment, folds, results_path, time_pipelines
 from mini_kd.features import cohort_features, cohort_grids
 from mini_kd.methods import lrmil
 from mini_kd.mil import abmil_predictor, bag_probabilities, bag_validation, make_bags, train_abmil
-from mini_kd.progress import progress
-from mini_kd.runtime import seed_everything
+from mini_kd.runtime import map_jobs, seed_everything
 from mini_kd.train import read_checkpoint, write_checkpoint
 
 # What the experiment spends per preset besides the method's schedule: folds, test slides of
@@ -98,60 +97,79 @@ def run_experiment(preset: str = "book", cohort=None, config: lrmil.Config | Non
     experiment = Experiment(preset, str(cohort.root), drawn, MODELS, base="hr_abmil",
                             timed_as=TIMED_AS, targets=targets)
     extras = experiment.extras = {"stage1": [], "sweep": [], "stage2_setting": []}
-    for r, split in enumerate(progress(drawn, desc="folds")):
-        teacher_model = lrmil.train_teacher(hr_features, labels, split, config, schedule)
-        teacher = lrmil.teacher_outputs(teacher_model, hr_features, split["train"])
-        guides = lrmil.teacher_guides(teacher, hr_grids, lr_grids, split["train"], config)
-        lr_encoder, history = distil_encoder(cohort, split, hr_grids, lr_grids, hr_features,
-                                             teacher, hr_encoder, config, schedule)
-        extras["stage1"] += [{"split": r, **row} for row in history]
-        lr_distilled = cohort_features(cohort, lr_grids, lr_encoder, device=schedule.device)
-        stage2 = config  # the stage-2 students' settings: this fold's sweep winner, if it ran
-        if sweep:  # on this fold's own train (fit) and validation (choice) slides only
-            rows = sweep_stage2(lr_distilled, labels, split, teacher, guides, config, schedule,
-                                budget["sweep"])
-            extras["sweep"] += [{"split": r, **row} for row in rows]
-            stage2 = replace(config, **{k: rows[0][k] for k in budget["sweep"]})
-        extras["stage2_setting"].append({"split": r, **{k: getattr(stage2, k)
-                                                         for k in budget["sweep"]}})
-        student = partial(lrmil.train_student, labels=labels, split=split, schedule=schedule)
-        models = {
-            "hr_abmil": (teacher_model, hr_features),
-            "hr_abmil_torchmil": (train_torchmil_abmil(hr_features, labels, split, config, schedule),
-                                  hr_features),
-            "lr_abmil": (student(lr_plain, config=config), lr_plain),
-            "stage1_only": (student(lr_distilled, config=config), lr_distilled),
-            "stage2_only": (student(lr_plain, config=stage2, teacher=teacher, guides=guides),
-                            lr_plain),
-            "lrmil": (student(lr_distilled, config=stage2, teacher=teacher, guides=guides),
-                      lr_distilled),
-        }
-        for name, (model, features) in models.items():
+    trained_folds = map_jobs(train_fold, list(enumerate(drawn)), cohort, labels, hr_grids, lr_grids,
+                             hr_features, lr_plain, hr_encoder, config, schedule,
+                             budget["sweep"] if sweep else None, device=schedule.device, desc="folds")
+    for (r, split), fold in zip(enumerate(drawn), trained_folds):
+        for name, probabilities in fold["probabilities"].items():
             experiment.record(r, name, split["test"], [labels[s] for s in split["test"]],
-                              bag_probabilities(model, make_bags(features, labels, split["test"])))
-        if r == 0:
-            trained = lrmil.Trained(stage2, lr_encoder, models["lrmil"][0])
-            experiment.checkpoint = trained.save(
-                checkpoint_path or cohort.root / "lrmil" / f"lrmil-{preset}.pt")
-            predictors = {
-                "hr_abmil": abmil_predictor(hr_encoder, teacher_model, config.hr_mag,
-                                            config.hr_tile, config.min_tissue, schedule.device),
-                "lr_abmil": abmil_predictor(hr_encoder, models["lr_abmil"][0], config.lr_mag,
-                                            config.lr_tile, config.min_tissue, schedule.device),
-                "lrmil": trained.predictor(schedule.device),
-            }
-            if timing:
-                timed = split["test"][:budget["timing_slides"]]
-                experiment.timing = time_pipelines({s: cohort.slide_path(s) for s in timed},
-                                                   predictors, schedule.seed)
-            experiment.models = {"lrmil": trained, "hr_abmil": teacher_model,
-                                 "heatmap": where_it_looks(cohort, split["test"], labels, predictors)}
+                              probabilities)
+        for key in ("stage1", "sweep"):
+            extras[key] += [{"split": r, **row} for row in fold[key]]
+        extras["stage2_setting"].append({"split": r, **fold["stage2_setting"]})
+    # fold 0, in this process alone: its checkpoint, its pipelines timed from the slide files
+    models, split = trained_folds[0]["models"], drawn[0]
+    trained = lrmil.Trained(models["stage2"], models["lr_encoder"], models["lrmil"])
+    experiment.checkpoint = trained.save(checkpoint_path or cohort.root / "lrmil" / f"lrmil-{preset}.pt")
+    predictors = {
+        "hr_abmil": abmil_predictor(hr_encoder, models["hr_abmil"], config.hr_mag, config.hr_tile,
+                                    config.min_tissue, schedule.device),
+        "lr_abmil": abmil_predictor(hr_encoder, models["lr_abmil"], config.lr_mag, config.lr_tile,
+                                    config.min_tissue, schedule.device),
+        "lrmil": trained.predictor(schedule.device),
+    }
+    if timing:
+        timed = split["test"][:budget["timing_slides"]]
+        experiment.timing = time_pipelines({s: cohort.slide_path(s) for s in timed}, predictors,
+                                           schedule.seed)
+    experiment.models = {"lrmil": trained, "hr_abmil": models["hr_abmil"],
+                         "lr_abmil": models["lr_abmil"],
+                         "heatmap": where_it_looks(cohort, split["test"], labels, predictors)}
     extras["sweep_best"] = [next(row for row in extras["sweep"] if row["split"] == r)
                             for r in dict.fromkeys(row["split"] for row in extras["sweep"])]
     experiment.seconds = time.perf_counter() - start
     if own_run:  # the preset's own run, kept for the side-by-side comparison to gather
         experiment.save_json(results_path(cohort, "lrmil", preset))
     return experiment
+
+
+def train_fold(job: tuple[int, dict], cohort, labels: dict, hr_grids, lr_grids, hr_features,
+               lr_plain, hr_encoder, config: lrmil.Config, schedule: lrmil.Schedule,
+               grid: dict | None) -> dict:
+    """One fold ``job = (r, split)``: every model of :data:`MODELS` trained on the split's train
+    slides and selected on its validation slides, the stage-2 students with the winner of the
+    sweep over ``grid`` (None: the config's values). Returns each model's P(tumour) of the test
+    slides, stage 1's history, the sweep's rows, the stage-2 setting and, for fold 0, the models
+    (run in a worker process by :func:`mini_kd.runtime.map_jobs`)."""
+    r, split = job
+    teacher_model = lrmil.train_teacher(hr_features, labels, split, config, schedule)
+    teacher = lrmil.teacher_outputs(teacher_model, hr_features, split["train"])
+    guides = lrmil.teacher_guides(teacher, hr_grids, lr_grids, split["train"], config)
+    lr_encoder, history = distil_encoder(cohort, split, hr_grids, lr_grids, hr_features, teacher,
+                                         hr_encoder, config, schedule)
+    lr_distilled = cohort_features(cohort, lr_grids, lr_encoder, device=schedule.device)
+    stage2, rows = config, []  # the stage-2 students' settings: this fold's sweep winner
+    if grid:  # on this fold's own train (fit) and validation (choice) slides only
+        rows = sweep_stage2(lr_distilled, labels, split, teacher, guides, config, schedule, grid)
+        stage2 = replace(config, **{k: rows[0][k] for k in grid})
+    student = partial(lrmil.train_student, labels=labels, split=split, schedule=schedule)
+    models = {
+        "hr_abmil": (teacher_model, hr_features),
+        "hr_abmil_torchmil": (train_torchmil_abmil(hr_features, labels, split, config, schedule),
+                              hr_features),
+        "lr_abmil": (student(lr_plain, config=config), lr_plain),
+        "stage1_only": (student(lr_distilled, config=config), lr_distilled),
+        "stage2_only": (student(lr_plain, config=stage2, teacher=teacher, guides=guides), lr_plain),
+        "lrmil": (student(lr_distilled, config=stage2, teacher=teacher, guides=guides),
+                  lr_distilled),
+    }
+    probabilities = {name: bag_probabilities(model, make_bags(features, labels, split["test"]))
+                     for name, (model, features) in models.items()}
+    setting = {k: getattr(stage2, k) for k in (grid or {})}
+    kept = {"stage2": stage2, "lr_encoder": lr_encoder,
+            **{name: models[name][0] for name in ("hr_abmil", "lr_abmil", "lrmil")}}
+    return {"probabilities": probabilities, "stage1": history, "sweep": rows,
+            "stage2_setting": setting, "models": kept if r == 0 else None}
 
 
 # -- stage 1, cached; the stage-2 sweep; the torchmil cross-check ------------------------------------

@@ -50,7 +50,7 @@ from mini_kd.methods import reskd
 from mini_kd.methods.reskd import Regions, TeacherTargets
 from mini_kd.paths import data_dir
 from mini_kd.progress import progress
-from mini_kd.runtime import torch_threads, write_atomically
+from mini_kd.runtime import map_jobs, torch_threads, write_atomically
 from mini_kd.slides import open_slide
 from mini_kd.tiling import tile_grid
 
@@ -162,14 +162,14 @@ class _Study:
                               "train_seconds": self.teacher_history.seconds},
                   "students": []}
         models = {"teacher": self.trained(self.teacher, 1)}
+        with self.timer.stage("students"):
+            jobs = [self.job(kind, factor, self.bank, self.targets)
+                    for factor in schedule.factors for kind in ("kd", "ce")]
+            trained = iter(map_jobs(train_student, jobs, self.val_targets, config, schedule,
+                                    len(self.classes), device=schedule.device, desc="students"))
         for factor in schedule.factors:
             side = schedule.region_size // factor
-            with self.timer.stage(f"kd_x{factor}"):
-                kd, kd_history = reskd.distill(self.bank, self.targets, factor, config, schedule,
-                                               self.val, self.val_targets)
-            with self.timer.stage(f"ce_x{factor}"):
-                ce, ce_history = reskd.train_ce(self.bank, factor, config, schedule, val=self.val,
-                                                n_classes=len(self.classes))
+            (kd, kd_history), (ce, ce_history) = next(trained), next(trained)
             self.kd_students[factor] = kd
             models[f"kd_x{factor}"], models[f"ce_x{factor}"] = self.trained(kd, factor), self.trained(ce, factor)
             kd_score, ce_score = self.score(kd, test, factor), self.score(ce, test, factor)
@@ -185,6 +185,12 @@ class _Study:
                                       "psnr_db": psnr(test.views[factor], self.test_other.views[factor])})
         return scores, models
 
+    def job(self, kind: str, factor: int, regions: Regions, targets: TeacherTargets,
+            name: str | None = None) -> dict:
+        """A :func:`train_student` job: what the ``kind`` student at ÷``factor`` trains on."""
+        return {"kind": kind, "factor": factor, "regions": regions.at(factor), "targets": targets,
+                "val": self.val.at(factor), "name": name}
+
     def unlabeled_curve(self) -> list[dict]:
         """KD students at ÷unlabeled_factor on the training copies (labels dropped) plus the
         regions of n extra unlabeled slides, for every n of ``unlabeled_slides``."""
@@ -197,9 +203,9 @@ class _Study:
                 pool_ids = pool_cohort.ids()[:max(extra)]
                 pool = reskd.augment(self._unlabeled_regions(pool_cohort, pool_ids), config, schedule)
                 pool_targets = reskd.teacher_targets(self.teacher, pool.views[1], schedule.device)
+            runs = []  # (n extra slides, their regions, the student's job)
             for n in schedule.unlabeled_slides:
-                n_regions, name = 0, None
-                regions, targets = self.bank, self.targets
+                regions, targets, n_regions = self.bank, self.targets, 0
                 if n > 0:
                     keep = np.isin(pool.slide_ids, pool_ids[:n])
                     regions = Regions.concat([replace(self.bank, labels=None),
@@ -207,11 +213,15 @@ class _Study:
                                                       {k: v[keep] for k, v in pool.views.items()})])
                     targets = TeacherTargets(torch.cat([self.targets.logits, pool_targets.logits[keep]]),
                                              torch.cat([self.targets.maps, pool_targets.maps[keep]]))
-                    n_regions, name = int(keep.sum()) // schedule.n_views, f"kd_x{factor}_unlabeled{n}"
-                student = self.kd_students.get(factor) if n == 0 else None
-                if student is None:
-                    student, _ = reskd.distill(regions, targets, factor, config, schedule, self.val,
-                                               self.val_targets, name=name)
+                    n_regions = int(keep.sum()) // schedule.n_views
+                runs.append((n, n_regions, self.job("kd", factor, regions, targets,
+                                                    f"kd_x{factor}_unlabeled{n}" if n else None)))
+            reused = lambda n: n == 0 and factor in self.kd_students  # noqa: E731 (the ÷N student)
+            trained = iter(map_jobs(train_student, [job for n, _, job in runs if not reused(n)],
+                                    self.val_targets, config, schedule, len(self.classes),
+                                    device=schedule.device, desc="unlabeled students"))
+            for n, n_regions, _ in runs:
+                student = self.kd_students[factor] if reused(n) else next(trained)[0]
                 result = self.score(student, self.test, factor)
                 rows.append({"n_slides": n, "n_regions": n_regions, "factor": factor,
                              **{f"kd_{k}": v for k, v in result.items()}})
@@ -261,6 +271,21 @@ class _Study:
                     recorded(name)(path)
         return {name: [probability[name][Path(paths[i]).stem] for i in ids]
                 for name in models}, timing
+
+
+def train_student(job: dict, val_targets: TeacherTargets, config: reskd.Config,
+                  schedule: reskd.Schedule, n_classes: int):
+    """``(network, history)`` of one student ``job`` (:meth:`_Study.job`): the KD student
+    (:func:`~mini_kd.methods.reskd.distill`, against the job's teacher ``targets``) or the CE
+    student (:func:`~mini_kd.methods.reskd.train_ce`) at ÷``factor``, on one torch thread. The
+    students of a run train side by side in worker processes (:func:`mini_kd.runtime.map_jobs`);
+    each seeds its own training."""
+    factor, regions, val = job["factor"], job["regions"], job["val"]
+    with torch_threads(1, schedule.device):
+        if job["kind"] == "kd":
+            return reskd.distill(regions, job["targets"], factor, config, schedule, val, val_targets,
+                                 name=job["name"])
+        return reskd.train_ce(regions, factor, config, schedule, val=val, n_classes=n_classes)
 
 
 def _split(cohort, seed: int) -> dict:
