@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make test   create .venv, install, run the unit tests and a smoke run of every notebook
-#   make book   create .venv, install, fetch the sample slide, build the phantom cohort,
-#               execute the notebooks with their `book` preset and build book/_build/html
+#   make book   create .venv, install, fetch the sample slide, build the cohorts and cache the
+#               features the notebooks share (make data), execute the notebooks with their
+#               `book` preset and build book/_build/html
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export MINI_KD_DATA ?= $(CURDIR)/data
@@ -22,6 +23,7 @@ test: install
 
 data: install
 	$(VENV)/bin/mini-kd fetch-sample
+	$(PY) data_scripts/prepare_book.py --preset book
 
 # Notebooks execute through jupyter-cache (book/_build/.jupyter_cache): a rebuild re-runs only a
 # notebook whose code cells changed, and all of them when mini_kd/**/*.py or MINI_KD_DATA /

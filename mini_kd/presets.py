@@ -116,6 +116,27 @@ def cohort(preset: str, folder=None, regions: bool = False):
     return phantom_cohort(preset, regions)
 
 
+def prepare(preset: str) -> dict:
+    """Build every cohort the notebooks of ``preset`` read and cache the tile features they share:
+    the 20x and 5x features (:data:`GEOMETRY`, EfficientNet-Lite0) of the MIL cohorts, which
+    LRMIL, AHDMIL and the side-by-side benchmark all start from. What ``make data`` runs
+    (``data_scripts/prepare_book.py``), so that each notebook starts from warm caches; a notebook
+    run alone computes what is missing on first use. Returns {name: cohort}."""
+    from mini_kd.encoders import build_encoder
+    from mini_kd.features import cohort_features, cohort_grids
+
+    cohorts = {"phantom": cohort(preset), "real tissue": real_cohort(preset),
+               "phantom regions": cohort(preset, regions=True),
+               "real-tissue regions": real_cohort(preset, regions=True)}
+    lrmil = config("lrmil", preset)
+    encoder = build_encoder(lrmil.encoder).eval()
+    for name in ("phantom", "real tissue"):
+        for mag, tile in ((lrmil.hr_mag, lrmil.hr_tile), (lrmil.lr_mag, lrmil.lr_tile)):
+            cohort_features(cohorts[name], cohort_grids(cohorts[name], mag, tile, lrmil.min_tissue),
+                            encoder)
+    return cohorts
+
+
 # Each method's schedule per preset: the fields of its ``Schedule`` dataclass that the preset
 # changes (epochs, batches, tiles per stage, splits); the rest keep the Schedule's defaults.
 SCHEDULES: dict[str, dict[str, dict]] = {

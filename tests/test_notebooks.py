@@ -5,6 +5,7 @@ are then dropped into a copy of ``book/`` whose execution is switched off, so a 
 cross-reference or chapter fails here without running every notebook twice.
 """
 
+import os
 import re
 import shutil
 import subprocess
@@ -32,6 +33,28 @@ def _execute(notebook: Path, out_dir: Path) -> Path:
                                kernel_name="python3", cwd=str(notebook.parent),
                                progress_bar=False, execution_timeout=900)
     return out
+
+
+def test_make_data_builds_the_cohorts_and_caches_the_features_notebooks_03_to_05_share(session_data):
+    """``data_scripts/prepare_book.py`` (``make data``) at the smoke preset, in the session's data
+    folder: the notebooks below then start from its caches."""
+    from mini_kd import presets
+    from mini_kd.encoders import build_encoder
+    from mini_kd.features import cohort_grids, feature_path
+
+    done = subprocess.run([sys.executable, str(ROOT / "data_scripts" / "prepare_book.py"),
+                           "--preset", "smoke"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "MINI_KD_DATA": str(session_data)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("\n") == 1 and "4 cohorts of the smoke preset ready" in done.stdout
+    config = presets.config("lrmil", "smoke")
+    encoder = build_encoder(config.encoder).eval()
+    for cohort in (presets.phantom_cohort("smoke"), presets.real_cohort("smoke")):
+        for mag, tile in ((config.hr_mag, config.hr_tile), (config.lr_mag, config.lr_tile)):
+            grids = cohort_grids(cohort, mag, tile, config.min_tissue)
+            missing = [s for s, grid in grids.items()
+                       if not feature_path(cohort.root / "features", encoder, grid, s).is_file()]
+            assert not missing, (cohort.root, mag, missing)
 
 
 @pytest.mark.notebook
