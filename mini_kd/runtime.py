@@ -14,8 +14,8 @@
   on one thread, so a second core would otherwise sit idle. Every job seeds its own training, so
   the results do not depend on which worker ran it or in what order (``MINI_KD_WORKERS=1`` runs
   them one after another in this process, with the same results).
-- **Atomic writes.** :func:`write_atomically` writes ``<path>.<pid>.partial`` and renames it: a reader
-  sees a whole file or none, whatever interrupts the writer. Checkpoints (``.pt``), feature
+- **Atomic writes.** :func:`write_atomically` writes ``<path>.<pid>.partial`` and renames it: a
+  reader sees a whole file or none, whatever interrupts the writer. Checkpoints (``.pt``), feature
   caches (``.h5``) and region caches (``.npz``) all go through it.
 """
 
@@ -90,8 +90,13 @@ def workers(n_jobs: int, device=None) -> int:
     elif pick_device(device).type == "cuda":
         n = 1
     else:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        n = cores()
     return max(1, min(n, n_jobs))
+
+
+def cores() -> int:
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def map_jobs(task: Callable, jobs: list, *shared, device=None, desc: str = "jobs") -> list:
@@ -107,7 +112,7 @@ def map_jobs(task: Callable, jobs: list, *shared, device=None, desc: str = "jobs
     n = workers(len(jobs), device)
     if n == 1:
         return [task(job, *shared) for job in progress(jobs, desc=desc)]
-    threads = max(1, (os.cpu_count() or n) // n)
+    threads = max(1, cores() // n)
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(threads,)) as pool:
         futures = [pool.submit(task, job, *shared) for job in jobs]
