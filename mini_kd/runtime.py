@@ -113,8 +113,9 @@ def map_jobs(task: Callable, jobs: list, *shared, device=None, desc: str = "jobs
     if n == 1:
         return [task(job, *shared) for job in progress(jobs, desc=desc)]
     threads = max(1, cores() // n)
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+    with _thread_env(threads), ProcessPoolExecutor(
+            n, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+            initargs=(threads,)) as pool:
         futures = [pool.submit(task, job, *shared) for job in jobs]
         try:
             for future in progress(as_completed(futures), total=len(futures), desc=desc):
@@ -129,6 +130,23 @@ def map_jobs(task: Callable, jobs: list, *shared, device=None, desc: str = "jobs
                 future.cancel()
             raise
         return [future.result() for future in futures]
+
+
+@contextmanager
+def _thread_env(threads: int):
+    """OpenMP's, MKL's and OpenBLAS's thread counts set to ``threads`` in the environment the
+    workers start with (read when they import numpy and torch), restored after."""
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: str(threads) for name in names})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def write_atomically(path, write: Callable[[Path], None]) -> Path:

@@ -19,7 +19,7 @@ What the method experiments train on these folds is gathered, not trained again:
 AHDMIL rows come from their preset's own run (:func:`mini_kd.experiments.results_path`, written
 by notebooks 03 and 04), run here when missing. The torchmil baselines train here, and ResKD's
 classifiers per fold (cached: :func:`mini_kd.experiments.reskd.slide_classifiers`), the folds
-side by side in worker processes (:func:`train_fold`).
+side by side in worker processes, one job per row and fold (:func:`train_rows`).
 
 **Cost, the same way for every row.** Each row's pipeline classifies the same test slides of
 fold 0 from the slide files, in an order drawn afresh per slide
@@ -73,6 +73,8 @@ GATHERED = {"hr_abmil": ("lrmil", "hr_abmil"), "lr_abmil": ("lrmil", "lr_abmil")
             "lrmil": ("lrmil", "lrmil"), "dmin": ("ahdmil", "dmin_all"),
             "ahdmil": ("ahdmil", "ahdmil")}
 TIMED_AS = {"stage1_only": "lrmil", "stage2_only": "lr_abmil"}
+# what trains here, per fold, the longest first: each torchmil baseline, ResKD's two classifiers
+TRAINED_HERE = ("transmil", "clam_sb", "reskd", "dsmil")
 EXPERIMENTS = {"lrmil": lrmil_experiment, "ahdmil": ahdmil_experiment}
 
 
@@ -94,13 +96,19 @@ def run_comparison(preset: str = "book", cohort=None, timing: bool = True) -> Ex
     encoder = build_encoder(config.encoder).eval()
     hr_grids = cohort_grids(cohort, config.hr_mag, config.hr_tile, config.min_tissue)
     hr_features = cohort_features(cohort, hr_grids, encoder, device=schedule.device)
-    trained_folds = map_jobs(train_fold, list(enumerate(drawn)), cohort, preset, hr_features,
-                             labels, device=schedule.device, desc="folds")
-    for (r, split), (probabilities, _) in zip(enumerate(drawn), trained_folds):
+    lr_grids = cohort_grids(cohort, config.lr_mag, config.lr_tile, config.min_tissue)
+    features = {config.hr_mag: hr_features,
+                config.lr_mag: cohort_features(cohort, lr_grids, encoder, device=schedule.device)}
+    jobs = [(r, split, row) for row in TRAINED_HERE for r, split in enumerate(drawn)]
+    jobs.append((0, drawn[0], "abmil"))  # HR and LR ABMIL of fold 0 again, for their pipelines
+    fold0 = {}
+    for (r, split, _), (probabilities, models) in zip(jobs, map_jobs(
+            train_rows, jobs, cohort, preset, features, labels, device=schedule.device,
+            desc="rows x folds")):
         for name, p in probabilities.items():
             experiment.record(r, name, split["test"], [labels[s] for s in split["test"]], p)
-    fold0 = trained_folds[0][1]
-    predictors = pipelines(cohort, preset, drawn[0], labels, fold0, encoder)
+        fold0.update(models)
+    predictors = pipelines(cohort, preset, fold0, encoder)
     if timing:
         timed = drawn[0]["test"][:budget["timing_slides"]]
         experiment.timing = time_pipelines({s: cohort.slide_path(s) for s in timed},
@@ -114,24 +122,31 @@ def run_comparison(preset: str = "book", cohort=None, timing: bool = True) -> Ex
     return experiment
 
 
-def train_fold(job: tuple[int, dict], cohort, preset: str, hr_features: dict,
+def train_rows(job: tuple[int, dict, str], cohort, preset: str, features: dict,
                labels: dict) -> tuple[dict, dict]:
-    """One fold ``job = (r, split)`` of the rows trained here: the torchmil baselines on the
-    20x features and ResKD's slide classifiers. Returns each row's P(tumour) of the test slides,
-    and the models of fold 0 (run in a worker process by :func:`mini_kd.runtime.map_jobs`)."""
-    r, split = job
-    schedule = presets.schedule("lrmil", preset)
-    bags = {part: make_bags(hr_features, labels, split[part]) for part in split}
-    probabilities, models = {}, {}
-    for name in baselines.MODELS:
-        models[name] = baselines.train(name, bags["train"], bags["val"],
-                                       lrmil.fit_config(schedule, name))
-        probabilities[name] = bag_probabilities(models[name], bags["test"])
-    for name, trained in reskd_experiment.slide_classifiers(cohort, split, preset).items():
-        predict = trained.predictor(schedule.device)
-        probabilities[name] = [predict(cohort.slide_path(s)).probability for s in split["test"]]
-        models[name] = trained
-    return probabilities, models if r == 0 else {}
+    """One job ``(r, split, what)`` on fold r: a torchmil baseline of :data:`TRAINED_HERE` on the
+    20x features (``features``: {magnification: {slide_id: (N, D)}}), ResKD's two slide
+    classifiers, or (``"abmil"``) HR and LR ABMIL again, the same seeded computation as LRMIL's
+    experiment, for their pipelines. Returns each row's P(tumour) of the test slides, and its
+    models on fold 0 (run in a worker process by :func:`mini_kd.runtime.map_jobs`; one job per
+    row and fold keeps both workers busy)."""
+    r, split, what = job
+    config, schedule = presets.config("lrmil", preset), presets.schedule("lrmil", preset)
+    hr_features = features[config.hr_mag]
+    if what == "abmil":
+        return {}, {"hr_abmil": lrmil.train_teacher(hr_features, labels, split, config, schedule),
+                    "lr_abmil": lrmil.train_student(features[config.lr_mag], labels, split, config,
+                                                    schedule)}
+    if what == "reskd":
+        trained = reskd_experiment.slide_classifiers(cohort, split, preset)
+        probabilities = {name: [model.predictor(schedule.device)(cohort.slide_path(s)).probability
+                                for s in split["test"]] for name, model in trained.items()}
+    else:
+        bags = {part: make_bags(hr_features, labels, split[part]) for part in split}
+        trained = {what: baselines.train(what, bags["train"], bags["val"],
+                                         lrmil.fit_config(schedule, what))}
+        probabilities = {what: bag_probabilities(trained[what], bags["test"])}
+    return probabilities, trained if r == 0 else {}
 
 
 # -- gathering what the method experiments trained ---------------------------------------------------
@@ -160,18 +175,13 @@ def gather(experiment: Experiment, method: str, out: dict) -> None:
 
 
 # -- every row's pipeline from the slide file --------------------------------------------------------
-def pipelines(cohort, preset: str, split: dict, labels: dict, fold0: dict, encoder) -> dict:
+def pipelines(cohort, preset: str, fold0: dict, encoder) -> dict:
     """row -> (predict(slide_path), {magnification: (network, tile side)} it encodes with) of
     fold 0: the baselines and ResKD as trained here, LRMIL's and AHDMIL's checkpoints of their
-    preset's own run, and HR / LR ABMIL trained again on fold 0 (the same seeded computation)."""
+    preset's own run, and HR / LR ABMIL trained again on fold 0 (:func:`train_rows`)."""
     config, schedule = presets.config("lrmil", preset), presets.schedule("lrmil", preset)
     device = schedule.device
-    grids = {mag: cohort_grids(cohort, mag, size, config.min_tissue)
-             for mag, size in ((config.hr_mag, config.hr_tile), (config.lr_mag, config.lr_tile))}
-    features = {mag: cohort_features(cohort, grid, encoder, device=device)
-                for mag, grid in grids.items()}
-    hr_abmil = lrmil.train_teacher(features[config.hr_mag], labels, split, config, schedule)
-    lr_abmil = lrmil.train_student(features[config.lr_mag], labels, split, config, schedule)
+    hr_abmil, lr_abmil = fold0["hr_abmil"], fold0["lr_abmil"]
     trained_lrmil = load(cohort.root / "lrmil" / f"lrmil-{preset}.pt", "lrmil")
     trained_ahdmil = load(cohort.root / "ahdmil" / f"ahdmil-{preset}.pt", "ahdmil")
     hr = {config.hr_mag: (encoder, config.hr_tile)}
