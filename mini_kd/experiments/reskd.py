@@ -189,8 +189,11 @@ class _Study:
     def job(self, kind: str, factor: int, regions: Regions, targets: TeacherTargets,
             name: str | None = None) -> dict:
         """A :func:`train_student` job: what the ``kind`` student at ÷``factor`` trains on."""
-        return {"kind": kind, "factor": factor, "regions": regions.at(factor), "targets": targets,
-                "val": self.val.at(factor), "name": name}
+        def at(part: Regions) -> Regions:  # only the ÷factor views travel to the worker
+            return replace(part, views={factor: part.views[factor]})
+
+        return {"kind": kind, "factor": factor, "regions": at(regions), "targets": targets,
+                "val": at(self.val), "name": name}
 
     def unlabeled_curve(self) -> list[dict]:
         """KD students at ÷unlabeled_factor on the training copies (labels dropped) plus the

@@ -180,10 +180,6 @@ class Regions:
                        np.concatenate([p.labels for p in parts]) if labeled else None,
                        {n: np.concatenate([p.views[n] for p in parts]) for n in parts[0].views})
 
-    def at(self, factor: int) -> Regions:
-        """The same regions with their ÷``factor`` views only (what a student at ÷factor reads)."""
-        return replace(self, views={factor: self.views[factor]})
-
 
 def classes_of(cohort) -> tuple[str, ...]:
     """The region classes a cohort gives: :data:`CLASSES` from label maps, else :data:`WEAK_CLASSES`."""
