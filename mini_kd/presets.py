@@ -171,10 +171,13 @@ SCHEDULES: dict[str, dict[str, dict]] = {
         # the schedules are shorter and DB-LIPN's learning rate higher: it first falls to the
         # one-tile fallback (its targets S are mostly negative) and must climb out; at 3e-3 it
         # stayed there for all 8 book epochs on one of three seeds, at 1e-3 it left after one;
-        # step 2 (one update per slide, per try) is most of the time: the book tries twice
+        # step 2 (one update per slide, per try) is most of the time: the book tries twice.
+        # Step 1 in the book: 10 epochs with degree-3 CKA heads (CONFIGS below); at degree 12
+        # DMIN on every tile scored AUC 0.575 after 6 epochs on the calibrated phantom and needed
+        # ~18 epochs to learn (test AUC 1.00 / 0.98 on folds 0 / 1, 20 epochs)
         "smoke": dict(epochs=4, min_epochs=2, patience=None, step2_epochs=3, step2_patience=None,
                       dmin_lr=1e-4, lipn_lr=1e-3),
-        "book": dict(epochs=6, min_epochs=3, patience=3, step2_epochs=4, step2_patience=None,
+        "book": dict(epochs=10, min_epochs=5, patience=3, step2_epochs=4, step2_patience=None,
                      step2_restarts=1, dmin_lr=3e-5, lipn_lr=1e-3),
         "gpu": dict(epochs=100, min_epochs=20, patience=10, step2_epochs=50, step2_patience=10,
                     dmin_lr=1e-5, lipn_lr=1e-3),
@@ -191,12 +194,14 @@ CONFIGS: dict[str, dict[str, dict]] = {
     # screen can predict), soft mode only (the hard mode's L1 between binarised outputs gave no
     # margin: the screen fell to the fallback in every run), a gate at 0.1 (the paper's 0.3 is
     # above the share that matters), k_sample 8, and the screen's operating threshold for 95 %
-    # of DMIN's own mask (ours: mini_kd.methods.ahdmil's docstring); smoke: CKA heads of degree 6
+    # of DMIN's own mask (ours: mini_kd.methods.ahdmil's docstring); smoke: CKA heads of degree
+    # 6, book: of degree 3 -- the paper's 12 needs many more epochs than the book's budget
+    # (SCHEDULES above; the gpu preset keeps 12)
     "ahdmil": {
         "smoke": dict(mask_ratio=0.45, attn_ratio=1.0, keep_bounds=(0.1, 1.0), k_sample=8,
                       screen_recall=0.95, degree=6),
         "book": dict(mask_ratio=0.45, attn_ratio=1.0, keep_bounds=(0.1, 1.0), k_sample=8,
-                     screen_recall=0.95),
+                     screen_recall=0.95, degree=3),
         "gpu": dict(mask_ratio=0.45, attn_ratio=1.0, keep_bounds=(0.1, 1.0), k_sample=8,
                     screen_recall=0.95),
     },

@@ -803,7 +803,15 @@ def test_the_benchmark_json_has_the_issue_keys_and_computes_the_targets_from_the
     assert out["ahdmil"]["keep_rate"] == pytest.approx(0.15) and out["ahdmil"]["tumour_recall"] == pytest.approx(0.95)
     assert out["ahdmil"]["tiles_read"] == 20 and out["ahdmil"]["seconds_by_stage"]["screen"] == pytest.approx(0.2)
     assert out["targets"] == {"speedup": pytest.approx(4.0), "speedup_at_least_2x": True,
-                              "auc_at_least_dmin_all": True, "tumour_recall_at_least_95pct": True}
+                              "dmin_all_learned": True, "auc_at_least_dmin_all": True,
+                              "tumour_recall_at_least_95pct": True}
+    unlearned = Experiment("smoke", "cohort", [{"test": ["a", "b"]}] * 2, experiment.MODELS,
+                           base="dmin_all", targets=experiment.targets)
+    for r in range(2):  # DMIN far below gated ABMIL did not learn: beating it says nothing
+        unlearned.record(r, "abmil", ["a", "b"], [0, 1], [0.1, 0.9])
+        unlearned.record(r, "dmin_all", ["a", "b"], [0, 1], [0.8, 0.2])
+        unlearned.record(r, "ahdmil", ["a", "b"], [0, 1], [0.6, 0.4])
+    assert unlearned.to_json()["targets"] == {"dmin_all_learned": False, "auc_at_least_dmin_all": False}
     measured.runs[-1]["tumour_recall"] = 0.8
     assert not measured.to_json()["targets"]["tumour_recall_at_least_95pct"]
     for run in measured.runs:  # a cohort without label maps: no recall, no recall target

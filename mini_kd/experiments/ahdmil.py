@@ -271,14 +271,18 @@ def kept_tiles(cohort, bag, predict, dmin: ahdmil.DMIN, min_keep: int = 1) -> di
 def targets(out: dict) -> dict:
     """The paper's claims on our cohort, from :meth:`Experiment.to_json`'s entries: AHDMIL at least
     2x faster than DMIN on every tile (when timed), an AUC at least DMIN's, and (with label maps)
-    at least 95 % of the tumour tiles kept."""
+    at least 95 % of the tumour tiles kept. The AUC claim is met only when DMIN on every tile
+    itself learned: its AUC at least gated ABMIL's on the same features minus 0.05 (where the
+    experiment trained ABMIL)."""
     ours, base = out.get("ahdmil", {}), out.get("dmin_all", {})
     result = {}
     if "seconds_per_slide" in ours and "seconds_per_slide" in base:
         result["speedup"] = base["seconds_per_slide"] / ours["seconds_per_slide"]
         result["speedup_at_least_2x"] = bool(result["speedup"] >= 2)
     if "auc" in ours and "auc" in base:
-        result["auc_at_least_dmin_all"] = bool(ours["auc"] >= base["auc"])
+        learned = "auc" not in out.get("abmil", {}) or bool(base["auc"] >= out["abmil"]["auc"] - 0.05)
+        result["dmin_all_learned"] = learned
+        result["auc_at_least_dmin_all"] = learned and bool(ours["auc"] >= base["auc"])
     if "tumour_recall" in ours:
         result["tumour_recall_at_least_95pct"] = bool(ours["tumour_recall"] >= 0.95)
     return result

@@ -36,8 +36,8 @@ warns; (3) both steps here, L_inst is CLAM's instance loss with CE, not the smoo
 epochs only; (10) the predictor reads and encodes only the kept tiles (theirs selects among every
 tile's features); (11) ``pse_weight`` and KAN attention are left out.
 
-**Our own choices**: GroupNorm (one group) in DB-LIPN, so each crop is normalised alone
-(``norm="batch"``: the paper's); 8-px crops of 128-px 20x tiles on the CPU presets; the HR
+**Our own choices**: GroupNorm (one group) in DB-LIPN (``norm="batch"``: the paper's); 8-px
+crops of 128-px 20x tiles and CKA degree 3 or 6 (12 needs more epochs) on the CPU presets; the HR
 encoder EfficientNet-Lite0; a class whose mask keeps nothing keeps its ``min_keep`` best tiles.
 
 **Beyond the paper (ours, off by default): the screen's operating threshold.** When DMIN's mask
