@@ -759,7 +759,8 @@ def test_presets_apply_their_geometry_values_and_schedule_on_the_papers_defaults
     assert (config.hr_tile, config.screen_mag) == (128, 1.25)
     assert (config.mask_ratio, config.attn_ratio, config.keep_bounds) == (0.45, 1.0, (0.1, 1.0))
     assert config.screen_recall == 0.95 and presets.config("ahdmil", "smoke").degree == 6
-    assert (schedule.epochs, schedule.step2_epochs, schedule.lipn_lr) == (6, 4, 1e-3)
+    assert (config.degree, presets.config("ahdmil", "gpu").degree) == (3, 12)
+    assert (schedule.epochs, schedule.step2_epochs, schedule.lipn_lr) == (10, 4, 1e-3)
     assert (schedule.step2_restarts, ahdmil.Schedule().step2_restarts) == (1, 2)
     assert presets.config("ahdmil", "book", mask_ratio=0.6).mask_ratio == 0.6  # overrides last
 
