@@ -761,7 +761,7 @@ def test_presets_apply_their_geometry_values_and_schedule_on_the_papers_defaults
     assert config.screen_recall == 0.95 and presets.config("ahdmil", "smoke").degree == 6
     assert (config.degree, presets.config("ahdmil", "gpu").degree) == (3, 12)
     assert (schedule.epochs, schedule.step2_epochs, schedule.lipn_lr) == (10, 4, 1e-3)
-    assert (schedule.step2_restarts, ahdmil.Schedule().step2_restarts) == (1, 2)
+    assert (schedule.step2_restarts, ahdmil.Schedule().step2_restarts) == (0, 2)
     assert presets.config("ahdmil", "book", mask_ratio=0.6).mask_ratio == 0.6  # overrides last
 
 
