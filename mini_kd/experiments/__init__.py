@@ -58,6 +58,13 @@ def folds(cohort, k: int, seed: int = 0) -> list[dict]:
     return kfold_splits(ids, cohort.labels(ids), k, seed)
 
 
+def learned(auc: float, reference_auc: float, margin: float = 0.05) -> bool:
+    """Did a model that a target compares against learn? Its AUC at least ``reference_auc`` (a
+    standard model on the same features) minus ``margin``: a claim against a reference that did
+    not learn reports nothing."""
+    return bool(auc >= reference_auc - margin)
+
+
 def source_fingerprint() -> str:
     """A short hash of mini_kd's source files: a cached result is reused only by the code that
     made it."""
